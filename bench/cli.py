@@ -1,0 +1,43 @@
+"""What every initbench command shares: one-line errors and exit codes.
+
+Each command module (``bench.sweep``, ``bench.report``, ``bench.regress``,
+``bench.audit``) builds its parser with :class:`Parser` and runs its body
+through :func:`run`, the one place where :class:`~bench.errors.UserError` is
+caught and turned into a single stderr line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from bench.errors import EXIT_USAGE, UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line and exit code 2.
+
+    argparse's own error prints the whole usage block first; a CI log wants a
+    single line that says what was wrong and what is valid.
+    """
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        flags = sorted(
+            {opt for action in self._actions for opt in action.option_strings if opt.startswith("--")}
+        )
+        hint = f" (valid flags: {', '.join(flags)})" if "unrecognized" in message else ""
+        sys.stderr.write(f"{self.prog}: error: {message}{hint}\n")
+        sys.exit(EXIT_USAGE)
+
+
+def run(body: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Run a command body, mapping UserError to one stderr line and exit 2."""
+    try:
+        return body(argv)
+    except UserError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130

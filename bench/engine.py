@@ -1,0 +1,269 @@
+"""Training a bundle: K models of one shape as stacked parameters, one code path for every K.
+
+Each job's model is first built and initialized as a plain ``nn.Sequential``
+(:func:`build_model`), exactly as a classic training loop would; its
+parameters are then stacked into ``(K, out, in)`` tensors and trained with
+batched matmuls. Losses are summed over jobs, so job k's gradient is exactly
+d loss_k / d params_k: jobs never influence each other, and a job's numbers do
+not depend on which bundle it ran in (tests/test_engine.py checks this against
+``torch.optim`` on the plain model).
+
+Probes run at step 0, every ``log_every`` steps and after the last update
+(step ``steps``): per layer, statistics of weights, biases, their gradients and
+update sizes, and of the activations on the step's training batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from bench import inits, models, tasks
+from bench.spec import Job
+
+ADAM_EPS = 1e-8  # torch.optim.Adam's default
+KINDS = ("weight", "bias", "act", "preact")  # what each layer's probe describes
+STATS = ("mean", "std", "absmax", "norm", "grad_norm", "update_ratio", "dead_frac")
+
+
+@dataclass
+class BundleOutput:
+    """Raw per-job arrays from one bundle; :mod:`bench.record` turns them into tables."""
+
+    log_steps: np.ndarray  # (n_log,) steps at which probes ran
+    losses: np.ndarray  # (steps + 1, K) minibatch loss of every step; NaN after divergence
+    val_loss: np.ndarray  # (n_log, K)
+    val_acc: np.ndarray  # (n_log, K); NaN for regression
+    grad_norm: np.ndarray  # (n_log, K) norm of the whole gradient
+    layer_stats: np.ndarray  # (n_log, K, depth, len(KINDS), len(STATS))
+    diverged_at: np.ndarray  # (K,) step of divergence, -1 if never
+    init_loss: np.ndarray  # (K,) loss at step 0 (the divergence reference)
+    final_params: list[list[torch.Tensor]] = field(default_factory=list)  # per job [W1, b1, ...]
+
+
+def build_model(job: Job, data: tasks.TaskData) -> nn.Sequential:
+    """The job's model as a plain nn.Sequential, initialized by its scheme with the job's init seed.
+
+    The global RNG is forked, so building a model never disturbs the caller's random state,
+    and the same job draws the same weights in any process, alone or bundled.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(tasks.derive_seed(job.seed, "init"))
+        model = models.ARCHS[job.arch](data.d_in, data.d_out, job.depth, job.width, job.activation)
+        first = tasks.batch_schedule(job.seed, len(data.x_train), job.batch_size, 0)[0]
+        ctx = inits.InitContext(activation=job.activation, params=dict(job.init_params),
+                                data=data.x_train[first], forward=models.preactivations)
+        inits.apply(model, job.init, ctx, job.init_bias)
+    return model
+
+
+def loss_per_job(out: torch.Tensor, y: torch.Tensor, classes: int | None) -> torch.Tensor:
+    """Mean loss of each job over its batch: MSE for regression, cross-entropy for classes. Shape (K,)."""
+    if classes is None:
+        return ((out - y) ** 2).mean(dim=(1, 2))
+    k, b, c = out.shape
+    return F.cross_entropy(out.reshape(k * b, c), y.reshape(k * b), reduction="none").view(k, b).mean(1)
+
+
+def _stats(t: torch.Tensor) -> torch.Tensor:
+    """mean, std, absmax, norm of each job's slice of ``t`` (K, ...) -> (K, 4)."""
+    flat = t.detach().flatten(1)
+    std = flat.std(dim=1) if flat.shape[1] > 1 else torch.zeros(len(flat), device=flat.device)
+    return torch.stack([flat.mean(1), std, flat.abs().amax(1), flat.norm(dim=1)], dim=1)
+
+
+class _Optimizer:
+    """SGD (momentum, weight decay) and Adam on stacked parameters, with per-job hyperparameters.
+
+    The arithmetic follows torch.optim's single-tensor implementations step for step.
+    """
+
+    def __init__(self, jobs: list[Job], params: list[torch.Tensor]):
+        dev = params[0].device
+        self.kind = jobs[0].optimizer
+        self.params = params
+        self.lr = torch.tensor([j.lr for j in jobs], device=dev)
+        self.wd = torch.tensor([j.weight_decay for j in jobs], device=dev)
+        self.momentum = torch.tensor([j.momentum for j in jobs], device=dev)
+        self.b1 = torch.tensor([j.betas[0] for j in jobs], device=dev)
+        self.b2 = torch.tensor([j.betas[1] for j in jobs], device=dev)
+        self.use_wd = any(j.weight_decay for j in jobs)
+        self.state: list[list[torch.Tensor]] = [[] for _ in params]
+        self.t = 0
+
+    def _per_job(self, vec: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        return vec.view(-1, *([1] * (p.dim() - 1)))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        for p, state in zip(self.params, self.state):
+            g = p.grad
+            if self.use_wd:
+                g = g + self._per_job(self.wd, p) * p
+            if self.kind == "sgd":
+                if not state:
+                    state.append(g.clone())  # torch: the first momentum buffer is the gradient itself
+                else:
+                    state[0].mul_(self._per_job(self.momentum, p)).add_(g)
+                p.sub_(self._per_job(self.lr, p) * state[0])
+            else:
+                if not state:
+                    state.extend([torch.zeros_like(p), torch.zeros_like(p)])
+                m, v = state
+                b1, b2 = self._per_job(self.b1, p), self._per_job(self.b2, p)
+                m.lerp_(g, 1 - b1)
+                v.mul_(b2).addcmul_(g, g * (1 - b2))
+                bc1, bc2 = 1 - b1**self.t, 1 - b2**self.t
+                denom = (v.sqrt() / bc2.sqrt()).add_(ADAM_EPS)
+                p.sub_((self._per_job(self.lr, p) / bc1) * m / denom)
+
+    @torch.no_grad()
+    def retire(self, k: int) -> None:
+        """Stop job k for good (it diverged): zero its parameters, gradients and state."""
+        for p, state in zip(self.params, self.state):
+            p[k] = 0
+            if p.grad is not None:
+                p.grad[k] = 0
+            for s in state:
+                s[k] = 0
+        self.lr[k] = 0
+
+
+def train(jobs: list[Job], *, divergence_ratio: float = 10.0, device: str = "cpu",
+          probes: bool = True, keep_params: bool = False) -> BundleOutput:
+    """Train a bundle of jobs that share a shape (see ``Job.shape_key``) as one stacked model.
+
+    Args:
+        jobs: one or more jobs with the same shape key; init, learning rate, optimizer
+            hyperparameters and seed may differ.
+        divergence_ratio: a job whose minibatch loss is non-finite or exceeds this times
+            its step-0 loss is diverged: it stops training; the others go on.
+        device: a torch device string.
+        probes: record per-layer statistics (False only to measure their cost).
+        keep_params: return each job's final parameters (for tests).
+    """
+    ref = jobs[0]
+    assert all(j.shape_key() == ref.shape_key() for j in jobs), "a bundle's jobs must share a shape"
+    K, steps, L = len(jobs), ref.steps, ref.log_every
+    dev = torch.device(device)
+    data = [tasks.load(j.task, j.task_params, j.seed) for j in jobs]
+    classes = data[0].classes
+    built = [build_model(j, d) for j, d in zip(jobs, data)]
+    linears = [[m for m in model if isinstance(m, nn.Linear)] for model in built]
+    W = [torch.stack([ls[i].weight.detach() for ls in linears]).to(dev).requires_grad_()
+         for i in range(ref.depth)]
+    B = [torch.stack([ls[i].bias.detach() for ls in linears]).to(dev).requires_grad_()
+         for i in range(ref.depth)]
+    params = [p for pair in zip(W, B) for p in pair]
+    opt = _Optimizer(jobs, params)
+    _, act_fn = models.activation(ref.activation)
+
+    x_train = torch.stack([d.x_train for d in data]).to(dev)
+    y_train = torch.stack([d.y_train for d in data]).to(dev)
+    x_val = torch.stack([d.x_val for d in data]).to(dev)
+    y_val = torch.stack([d.y_val for d in data]).to(dev)
+    n = x_train.shape[1]
+    schedule = torch.stack([tasks.batch_schedule(j.seed, n, j.batch_size, steps) for j in jobs], 1).to(dev)
+    rows = torch.arange(K, device=dev)[:, None]
+
+    def forward(x: torch.Tensor, record: list | None) -> torch.Tensor:
+        h = x
+        for i in range(ref.depth):
+            z = torch.baddbmm(B[i].unsqueeze(1), h, W[i].transpose(1, 2))
+            h = act_fn(z) if i < ref.depth - 1 else z
+            if record is not None:
+                record.append((z, h if i < ref.depth - 1 else None))
+        return h
+
+    log_steps = np.array(sorted({*range(0, steps + 1, L), steps}))
+    n_log = len(log_steps)
+    losses = torch.full((steps + 1, K), float("nan"), device=dev)
+    val_loss = torch.full((n_log, K), float("nan"), device=dev)
+    val_acc = torch.full((n_log, K), float("nan"), device=dev)
+    grad_norm = torch.full((n_log, K), float("nan"), device=dev)
+    layer_stats = torch.full((n_log, K, ref.depth, len(KINDS), len(STATS)), float("nan"), device=dev)
+    active = torch.ones(K, dtype=torch.bool, device=dev)
+    diverged_at = np.full(K, -1)
+    init_loss = torch.zeros(K, device=dev)
+    li = 0
+
+    for t in range(steps + 1):
+        probe = probes and li < n_log and log_steps[li] == t
+        idx = schedule[t]
+        record: list | None = [] if probe else None
+        out = forward(x_train[rows, idx], record)
+        loss = loss_per_job(out, y_train[rows, idx], classes)
+        if t == 0:
+            init_loss = loss.detach().clone()
+        # Divergence is checked every step (a CPU-GPU sync point, cheap next to a step).
+        bad = active & ~(torch.isfinite(loss) & (loss <= divergence_ratio * init_loss))
+        if bool(bad.any()):
+            for k in torch.nonzero(bad).flatten().tolist():
+                diverged_at[k] = t
+            active &= ~bad
+        losses[t] = torch.where(active | bad, loss.detach(), torch.full_like(loss, float("nan")))
+        for p in params:
+            p.grad = None
+        torch.where(active, loss, torch.zeros_like(loss)).sum().backward()
+        for k in np.flatnonzero(diverged_at == t):
+            opt.retire(int(k))
+        before = [w.detach().clone() for w in params] if probe and t < steps else None
+        if t < steps:
+            opt.step()
+        if probe:
+            with torch.no_grad():
+                _probe(li, layer_stats, grad_norm, W, B, record, before, params)
+                vout = forward(x_val, None)
+                val_loss[li] = loss_per_job(vout, y_val, classes)
+                if classes is not None:
+                    val_acc[li] = (vout.argmax(-1) == y_val).float().mean(1)
+            li += 1
+        if not bool(active.any()):
+            break
+
+    final = [[p[k].detach().cpu().clone() for p in params] for k in range(K)] if keep_params else []
+    return BundleOutput(log_steps=log_steps, losses=losses.cpu().numpy(), val_loss=val_loss.cpu().numpy(),
+                        val_acc=val_acc.cpu().numpy(), grad_norm=grad_norm.cpu().numpy(),
+                        layer_stats=layer_stats.cpu().numpy(), diverged_at=diverged_at,
+                        init_loss=init_loss.cpu().numpy(), final_params=final)
+
+
+def _probe(li: int, out: torch.Tensor, grad_norm: torch.Tensor, W: list, B: list, record: list,
+           before: list | None, params: list) -> None:
+    """Fill ``out[li]`` (K, depth, kinds, stats) for one probe step."""
+    sq = torch.zeros(out.shape[1], device=out.device)
+    for i, (w, b) in enumerate(zip(W, B)):
+        for kind, p, j in ((0, w, 2 * i), (1, b, 2 * i + 1)):
+            out[li, :, i, kind, :4] = _stats(p)
+            g = p.grad.flatten(1).norm(dim=1)
+            out[li, :, i, kind, 4] = g
+            sq += g**2
+            if before is not None:
+                delta = (p.detach() - before[j]).flatten(1).norm(dim=1)
+                out[li, :, i, kind, 5] = delta / before[j].flatten(1).norm(dim=1)
+        z, h = record[i]
+        out[li, :, i, 3, :4] = _stats(z)
+        # Activation "norm" is the RMS over the batch of each sample's vector norm.
+        out[li, :, i, 3, 3] = z.detach().pow(2).sum(-1).mean(-1).sqrt()
+        if h is not None:
+            out[li, :, i, 2, :4] = _stats(h)
+            out[li, :, i, 2, 3] = h.detach().pow(2).sum(-1).mean(-1).sqrt()
+            out[li, :, i, 2, 6] = (h.detach() == 0).all(dim=1).float().mean(-1)
+    grad_norm[li] = sq.sqrt()
+
+
+def param_count(job: Job, d_in: int, d_out: int) -> int:
+    """Number of parameters of one job's model (for cost estimates)."""
+    dims = models.layer_dims(d_in, d_out, job.depth, job.width)
+    return sum(a * b + b for a, b in zip(dims, dims[1:]))
+
+
+def flops_per_step(job: Job, d_in: int, d_out: int) -> float:
+    """Approximate training FLOPs of one step of one job: 6 x batch x weights (fwd + 2 bwd matmuls)."""
+    dims = models.layer_dims(d_in, d_out, job.depth, job.width)
+    return 6.0 * job.batch_size * sum(a * b for a, b in zip(dims, dims[1:]))

@@ -1,0 +1,196 @@
+"""Curves to metrics, pathology flags, and seed aggregation with confidence intervals.
+
+Every metric is defined here once (and in the README's "Metrics" table):
+
+- ``train_loss`` curve: at each logged step s, the mean minibatch loss over the
+  window (s - log_every, s]; at step 0 the step-0 loss. Its step-0 value is the
+  *initial loss*.
+- ``steps_to_target``: first logged step whose train_loss <= target, where the
+  target is ``target_loss`` if set, else ``target_ratio`` x initial loss. NaN if
+  never (resolution: ``log_every``).
+- ``final_loss`` / ``final_val_loss`` / ``final_val_acc``: values at the last
+  logged step; NaN for diverged jobs. ``best_loss``: lowest logged train_loss.
+- ``loss_auc``: area under train_loss / initial loss over training time scaled
+  to [0, 1] (trapezoid); 1 = never improved, lower = faster. NaN if diverged.
+- ``diverged_at``: step where the minibatch loss was non-finite or above
+  ``divergence_ratio`` x the step-0 loss (NaN if never).
+- ``n_spikes``: times the logged train_loss rose above ``spike_ratio`` x its
+  lowest value so far (rising edges).
+- ``grad_ratio_init``: first-layer over last-layer weight-gradient norm at step 0.
+- ``act_ratio_init``: variance of the last hidden layer's activations over the
+  first hidden layer's at step 0 (1 with one hidden layer, NaN with none).
+- ``dead_frac_init`` / ``dead_frac_final``: fraction of hidden units whose output
+  is zero for every sample of the probe batch, at step 0 / the last logged step.
+- ``weight_growth``: norm of all weights at the last logged step over step 0
+  (NaN when the initial weights are all zero).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from bench.spec import MetricsConfig
+
+METRICS = ("steps_to_target", "final_loss", "best_loss", "loss_auc", "final_val_loss", "final_val_acc",
+           "diverged_at", "n_spikes", "grad_ratio_init", "act_ratio_init", "dead_frac_init",
+           "dead_frac_final", "weight_growth")
+PATHOLOGIES = ("vanishing_gradients", "exploding_gradients", "exploding_weights", "dead_units", "stalled",
+               "diverged")
+
+
+def window_means(losses: np.ndarray, log_steps: np.ndarray, log_every: int) -> np.ndarray:
+    """Mean minibatch loss over (s - log_every, s] for each logged step s (NaN-aware)."""
+    out = np.full(len(log_steps), np.nan)
+    for i, s in enumerate(log_steps):
+        window = losses[max(0, s - log_every + 1): s + 1]
+        window = window[np.isfinite(window)]
+        if len(window):
+            out[i] = window.mean()
+    return out
+
+
+def steps_to_target(steps: np.ndarray, loss: np.ndarray, target: float) -> float:
+    """First step whose loss <= target; NaN if never."""
+    hit = np.flatnonzero(np.isfinite(loss) & (loss <= target))
+    return float(steps[hit[0]]) if len(hit) else float("nan")
+
+
+def loss_auc(steps: np.ndarray, loss: np.ndarray, total_steps: int) -> float:
+    """Area under loss / loss[0] over steps / total_steps (trapezoid)."""
+    if len(steps) < 2 or not np.isfinite(loss).all() or loss[0] <= 0:
+        return float("nan")
+    return float(np.trapezoid(loss / loss[0], steps / total_steps))
+
+
+def n_spikes(loss: np.ndarray, ratio: float) -> int:
+    """Rising edges of loss above ``ratio`` x its running minimum (over earlier points)."""
+    count, above = 0, False
+    best = np.inf
+    for value in loss:
+        if not np.isfinite(value):
+            break
+        now = value > ratio * best
+        count += int(now and not above)
+        above = now
+        best = min(best, value)
+    return count
+
+
+def _ratio(num: float, den: float) -> float:
+    num, den = float(num), float(den)
+    if den > 0:
+        return num / den
+    return float("nan") if num == 0 else float("inf")
+
+
+def job_metrics(log_steps: np.ndarray, train_loss: np.ndarray, val_loss: np.ndarray, val_acc: np.ndarray,
+                layer_stats: np.ndarray, diverged_at: int, total_steps: int,
+                cfg: MetricsConfig) -> dict[str, float]:
+    """All metrics of one job from its logged curves and its layer stats (n_log, depth, kinds, stats).
+
+    Curves passed here are already truncated at divergence.
+    """
+    from bench.engine import KINDS, STATS  # the layer-stats axes
+
+    w, a = KINDS.index("weight"), KINDS.index("act")
+    std, norm, grad = STATS.index("std"), STATS.index("norm"), STATS.index("grad_norm")
+    dead = STATS.index("dead_frac")
+    diverged = diverged_at >= 0
+    initial = train_loss[0] if len(train_loss) else float("nan")
+    target = cfg.target_loss if cfg.target_loss is not None else cfg.target_ratio * initial
+    depth = layer_stats.shape[1]
+    m: dict[str, float] = {
+        "steps_to_target": steps_to_target(log_steps, train_loss, target),
+        "final_loss": float("nan") if diverged else float(train_loss[-1]),
+        "best_loss": float(np.nanmin(train_loss)) if np.isfinite(train_loss).any() else float("nan"),
+        "loss_auc": float("nan") if diverged else loss_auc(log_steps, train_loss, total_steps),
+        "final_val_loss": float("nan") if diverged else float(val_loss[-1]),
+        "final_val_acc": float("nan") if diverged else float(val_acc[-1]),
+        "diverged_at": float(diverged_at) if diverged else float("nan"),
+        "n_spikes": float(n_spikes(train_loss, cfg.spike_ratio)),
+        "initial_loss": float(initial),
+    }
+    s0, s1 = layer_stats[0], layer_stats[-1]
+    m["grad_ratio_init"] = _ratio(s0[0, w, grad], s0[depth - 1, w, grad])
+    hidden = depth - 1
+    m["act_ratio_init"] = (float("nan") if hidden < 1
+                           else _ratio(s0[hidden - 1, a, std] ** 2, s0[0, a, std] ** 2))
+    m["dead_frac_init"] = float(np.mean(s0[:hidden, a, dead])) if hidden else float("nan")
+    m["dead_frac_final"] = float(np.mean(s1[:hidden, a, dead])) if hidden else float("nan")
+    w0, w1 = np.sqrt(np.sum(s0[:, w, norm] ** 2)), np.sqrt(np.sum(s1[:, w, norm] ** 2))
+    m["weight_growth"] = float(w1 / w0) if w0 > 0 else float("nan")
+    m["first_grad_init"] = float(s0[0, w, grad])
+    return m
+
+
+def pathologies(m: dict[str, float], cfg: MetricsConfig) -> list[str]:
+    """The pathology flags a job's metrics raise (thresholds from ``[metrics]``; see README)."""
+    flags = []
+    ratio = m["grad_ratio_init"]
+    if m["first_grad_init"] == 0 or (np.isfinite(ratio) and ratio < cfg.vanishing_ratio):
+        flags.append("vanishing_gradients")
+    if ratio > cfg.exploding_ratio:
+        flags.append("exploding_gradients")
+    if m["weight_growth"] > cfg.weight_growth_max:
+        flags.append("exploding_weights")
+    if max(np.nan_to_num(m["dead_frac_init"]), np.nan_to_num(m["dead_frac_final"])) > cfg.dead_max:
+        flags.append("dead_units")
+    if np.isnan(m["diverged_at"]) and np.isnan(m["steps_to_target"]) and \
+            m["best_loss"] > cfg.stall_ratio * m["initial_loss"]:
+        flags.append("stalled")
+    if np.isfinite(m["diverged_at"]):
+        flags.append("diverged")
+    return flags
+
+
+# --- seed aggregation ------------------------------------------------------------
+def bootstrap_ci(values: np.ndarray, *, level: float = 0.95, n_boot: int = 2000,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of ``values`` (NaNs dropped); NaNs if fewer than 2 values."""
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(axis=1)
+    alpha = (1 - level) / 2
+    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+SUMMARY_METRICS = ("steps_to_target", "final_loss", "loss_auc", "final_val_loss", "final_val_acc")
+
+
+def summarize(results, by: list[str] | None = None, metrics: tuple[str, ...] = SUMMARY_METRICS,
+              level: float = 0.95) -> pd.DataFrame:
+    """Aggregate runs over seeds: per group n, success rate, and per metric mean, median, CI.
+
+    Args:
+        results: what :func:`bench.load` returns, or a runs DataFrame.
+        by: grouping columns; default every setting that varies in the sweep except ``seed``.
+        metrics: metric columns to aggregate.
+        level: confidence level of the percentile bootstrap CI of the mean.
+
+    Returns:
+        One row per group: ``n``, ``n_ok``, ``success_rate`` (share of runs that reached
+        the target), and ``<metric>_mean``, ``_median``, ``_ci_low``, ``_ci_high``.
+    """
+    runs = results if isinstance(results, pd.DataFrame) else results.runs
+    if by is None:
+        by = [c for c in getattr(results, "axes", []) if c != "seed"] or ["init"]
+    rows = []
+    for key, group in runs.groupby(by, dropna=False, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        row = dict(zip(by, key))
+        row["n"] = len(group)
+        row["n_ok"] = int((group["status"] == "ok").sum())
+        row["success_rate"] = float(group["steps_to_target"].notna().mean())
+        for metric in metrics:
+            values = group[metric].to_numpy(dtype=float)
+            finite = values[np.isfinite(values)]
+            low, high = bootstrap_ci(finite, level=level)
+            row[f"{metric}_mean"] = float(finite.mean()) if len(finite) else float("nan")
+            row[f"{metric}_median"] = float(np.median(finite)) if len(finite) else float("nan")
+            row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = low, high
+        rows.append(row)
+    return pd.DataFrame(rows)

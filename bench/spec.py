@@ -1,0 +1,358 @@
+"""Sweep specs: TOML in, frozen dataclasses out, expanded into jobs.
+
+The TOML is validated here and only here: every unknown key, wrong type and
+unknown name becomes a :class:`~bench.errors.UserError` naming the file, the
+key, the value and the valid choices. Downstream code receives a :class:`Spec`
+and a list of :class:`Job` and never reads raw dicts again.
+
+A job's id is a hash of its canonical settings, so the same configuration has
+the same id on every machine; resume and baselines rely on that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from bench import inits, models, tasks
+from bench.errors import UserError
+
+FORMAT_VERSION = 1
+OPTIMIZERS = ("sgd", "adam")
+
+
+# --- the settings a job has ----------------------------------------------------
+@dataclass(frozen=True)
+class Setting:
+    """One job setting: which table holds it, its type check and its default."""
+
+    table: str
+    check: Callable[[str, Any], Any]  # (where, value) -> normalised value, or raise UserError
+    default: Any = None  # None: required
+
+
+def _int(minimum: int) -> Callable[[str, Any], int]:
+    def check(where: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{where} = {value!r}: expected an integer >= {minimum}")
+        if value < minimum:
+            raise UserError(f"{where} = {value!r}: must be >= {minimum}")
+        return value
+
+    return check
+
+
+def _float(minimum: float, *, strict: bool) -> Callable[[str, Any], float]:
+    def check(where: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UserError(f"{where} = {value!r}: expected a finite number")
+        if value < minimum or (strict and value == minimum):
+            raise UserError(f"{where} = {value!r}: must be {'>' if strict else '>='} {minimum}")
+        return float(value)
+
+    return check
+
+
+def _choice(choices: Callable[[], list[str]], *, allow_factory: bool = False) -> Callable[[str, Any], str]:
+    def check(where: str, value: Any) -> str:
+        if not isinstance(value, str):
+            raise UserError(f"{where} = {value!r}: expected a string; choose from {choices()}")
+        if value in choices() or (allow_factory and ":" in value):
+            return value
+        extra = " or 'pkg.module:function'" if allow_factory else ""
+        raise UserError(f"{where} = {value!r}: unknown name; choose from {choices()}{extra}")
+
+    return check
+
+
+def _betas(where: str, value: Any) -> tuple[float, float]:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise UserError(f"{where} = {value!r}: expected two numbers in [0, 1), e.g. [0.9, 0.999]")
+    out = tuple(_float(0.0, strict=False)(where, v) for v in value)
+    if any(v >= 1 for v in out):
+        raise UserError(f"{where} = {value!r}: each beta must be in [0, 1)")
+    return out  # type: ignore[return-value]
+
+
+def _init_bias(where: str, value: Any) -> str | float:
+    if isinstance(value, str) and value in inits.BIAS_MODES:
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    raise UserError(f"{where} = {value!r}: choose from {list(inits.BIAS_MODES)} or a number")
+
+
+SETTINGS: dict[str, Setting] = {
+    # [model]
+    "arch": Setting("model", _choice(lambda: sorted(models.ARCHS)), "mlp"),
+    "depth": Setting("model", _int(1), 4),
+    "width": Setting("model", _int(1), 64),
+    "activation": Setting("model", _choice(lambda: sorted(models.ACTIVATIONS)), "relu"),
+    "init": Setting("model", _choice(lambda: sorted(inits.INITS)), "default"),
+    "init_bias": Setting("model", _init_bias, "auto"),
+    # [task]; its own settings (n_train, noise, ...) are checked by the task's registry entry
+    "task": Setting("task", _choice(lambda: sorted(tasks.TASKS), allow_factory=True), "teacher"),
+    # [train]
+    "optimizer": Setting("train", _choice(lambda: list(OPTIMIZERS)), "sgd"),
+    "lr": Setting("train", _float(0.0, strict=True), 0.01),
+    "momentum": Setting("train", _float(0.0, strict=False), 0.0),
+    "weight_decay": Setting("train", _float(0.0, strict=False), 0.0),
+    "betas": Setting("train", _betas, (0.9, 0.999)),
+    "steps": Setting("train", _int(1), 300),
+    "batch_size": Setting("train", _int(1), 128),
+    "log_every": Setting("train", _int(1), 10),
+    "seed": Setting("train", _int(0), 0),
+}
+TABLES = ("model", "task", "train", "init_params", "metrics", "runtime")
+
+
+# --- what a spec becomes ---------------------------------------------------------
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Thresholds that turn curves into metrics and pathology flags (see README)."""
+
+    target_ratio: float = 0.1  # converged: train loss <= target_ratio x its initial value
+    target_loss: float | None = None  # or an absolute target, when given
+    divergence_ratio: float = 10.0  # diverged: loss non-finite or > divergence_ratio x initial
+    spike_ratio: float = 2.0  # a spike: logged loss > spike_ratio x the best logged loss so far
+    vanishing_ratio: float = 1e-2  # grad_ratio_init below this: vanishing gradients
+    exploding_ratio: float = 1e2  # grad_ratio_init above this: exploding gradients
+    weight_growth_max: float = 10.0  # weight_growth above this: exploding weights
+    dead_max: float = 0.5  # dead_frac_init or dead_frac_final above this: dead units
+    stall_ratio: float = 0.9  # best loss above stall_ratio x initial: stalled
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how to run; command-line flags override these."""
+
+    devices: str = "auto"
+    jobs: int = 0  # 0: choose from the devices and the number of bundles
+    backend: str = "loky"
+    max_bundle: int = 64  # at most this many jobs trained as one stacked model
+
+
+@dataclass(frozen=True)
+class Job:
+    """One fully resolved configuration: every setting has a value."""
+
+    arch: str
+    depth: int
+    width: int
+    activation: str
+    init: str
+    init_bias: str | float
+    task: str
+    optimizer: str
+    lr: float
+    momentum: float
+    weight_decay: float
+    betas: tuple[float, float]
+    steps: int
+    batch_size: int
+    log_every: int
+    seed: int
+    init_params: tuple[tuple[str, Any], ...] = ()  # the parameters of this job's scheme only
+    task_params: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def job_id(self) -> str:
+        """Stable id: the hash of the canonical settings (same settings, same id, anywhere)."""
+        blob = json.dumps(self.settings(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def settings(self) -> dict[str, Any]:
+        """Flat settings: scheme parameters as ``init.<name>``, task ones as ``task.<name>``."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name not in ("init_params", "task_params"):
+                value = getattr(self, f.name)
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        out.update({f"init.{k}": v for k, v in self.init_params})
+        out.update({f"task.{k}": v for k, v in self.task_params})
+        return out
+
+    def shape_key(self) -> tuple:
+        """What jobs must share to be trained together as one stacked bundle."""
+        return (self.arch, self.depth, self.width, self.activation, self.task, self.task_params,
+                self.optimizer, self.steps, self.batch_size, self.log_every)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A validated sweep: its name, the grid, the fixed settings and the configs."""
+
+    name: str
+    path: str
+    grid: tuple[tuple[str, tuple[Any, ...]], ...]
+    fixed: tuple[tuple[str, Any], ...]
+    init_params: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    text: str = ""
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of what the spec means (not how it is formatted): refuses mixing two specs in one store."""
+        canon = {"name": self.name, "grid": self.grid, "fixed": self.fixed,
+                 "init_params": self.init_params, "metrics": self.metrics.__dict__}
+        blob = json.dumps(canon, sort_keys=True, default=list)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def jobs(self) -> list[Job]:
+        """Expand the grid (cartesian product) into jobs, de-duplicated by job id, in grid order."""
+        fixed = dict(self.fixed)
+        schemes = dict(self.init_params)
+        names = [k for k, _ in self.grid]
+        seen: dict[str, Job] = {}
+        for values in itertools.product(*(v for _, v in self.grid)):
+            settings = {**fixed, **dict(zip(names, values))}
+            job = _make_job(settings, schemes)
+            seen.setdefault(job.job_id, job)
+        return list(seen.values())
+
+
+def _make_job(settings: dict[str, Any], schemes: dict[str, tuple]) -> Job:
+    core = {k: settings[k] for k in SETTINGS}
+    scheme_params = dict(schemes.get(core["init"], ()))
+    scheme_params.update({k.split(".", 2)[2]: v for k, v in settings.items()
+                          if k.startswith(f"init_params.{core['init']}.")})
+    task_params = {k[5:]: v for k, v in settings.items() if k.startswith("task.")}
+    return Job(**core,
+               init_params=tuple(sorted(inits.resolve_params(core["init"], scheme_params).items())),
+               task_params=tuple(sorted(tasks.resolve_params(core["task"], task_params).items())))
+
+
+# --- loading -------------------------------------------------------------------
+def load(path: str | Path) -> Spec:
+    """Read and validate a spec file; every problem is a UserError naming file and key."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{path}: spec file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot read spec: {err}") from None
+    return parse(text, str(path))
+
+
+def parse(text: str, where: str = "<spec>") -> Spec:
+    """Validate spec text (TOML) into a :class:`Spec`; ``where`` names it in messages."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"{where}: TOML syntax error: {err}") from None
+    try:
+        return _parse(raw, where, text)
+    except UserError as err:
+        raise UserError(f"{where}: {err}") from None
+
+
+def _parse(raw: dict[str, Any], where: str, text: str) -> Spec:
+    valid_top = ["name", "grid", *TABLES]
+    for key in raw:
+        if key not in valid_top:
+            raise UserError(f"unknown key {key!r}; choose from {valid_top}")
+    name = raw.get("name", Path(where).stem)
+    if not isinstance(name, str) or not name.strip():
+        raise UserError(f"name = {name!r}: expected a non-empty string")
+    tables = {t: _table(raw, t) for t in (*TABLES, "grid")}
+
+    fixed: dict[str, Any] = {}
+    for setting, meta in SETTINGS.items():
+        key = "name" if setting == "task" else setting
+        if key in tables[meta.table]:
+            fixed[setting] = meta.check(f"[{meta.table}] {key}", tables[meta.table][key])
+    task_fixed = {k: v for k, v in tables["task"].items() if k != "name"}
+    for table in ("model", "train"):
+        for key in tables[table]:
+            if key not in SETTINGS or SETTINGS[key].table != table:
+                valid = [k for k, s in SETTINGS.items() if s.table == table]
+                raise UserError(f"unknown key [{table}] {key!r}; choose from {valid}")
+
+    grid: list[tuple[str, tuple[Any, ...]]] = []
+    for key, values in tables["grid"].items():
+        if not isinstance(values, list):
+            raise UserError(f"[grid] {key} = {values!r}: a grid axis must be a list of values")
+        if not values:
+            raise UserError(f"[grid] {key} = []: a grid axis needs at least one value")
+        grid.append((key, tuple(_check_axis(key, v, tables["grid"]) for v in values)))
+    grid_keys = {k for k, _ in grid}
+    for setting in SETTINGS:
+        if setting in grid_keys and setting in fixed:
+            raise UserError(f"[grid] {setting} is also fixed in [{SETTINGS[setting].table}]; keep one")
+
+    defaults = {k: s.default for k, s in SETTINGS.items()}
+    fixed = {**defaults, **fixed, **{f"task.{k}": v for k, v in task_fixed.items()}}
+
+    init_params: dict[str, dict[str, Any]] = {}
+    for scheme, params in tables["init_params"].items():
+        if scheme not in inits.INITS:
+            raise UserError(f"[init_params.{scheme}]: unknown init scheme; choose from {sorted(inits.INITS)}")
+        if not isinstance(params, dict):
+            raise UserError(f"[init_params] {scheme} = {params!r}: expected a table")
+        init_params[scheme] = {k: inits.check_param(scheme, k, v, f"[init_params.{scheme}] {k}")
+                               for k, v in params.items()}
+
+    spec = Spec(
+        name=name.strip(), path=where, grid=tuple(grid), fixed=tuple(sorted(fixed.items())),
+        init_params=tuple(sorted((s, tuple(sorted(p.items()))) for s, p in init_params.items())),
+        metrics=_dataclass_table(MetricsConfig, tables["metrics"], "metrics"),
+        runtime=_dataclass_table(RuntimeConfig, tables["runtime"], "runtime"), text=text,
+    )
+    jobs = spec.jobs()  # resolves every task and scheme parameter: fail now, not in a worker
+    for job in jobs:
+        if job.arch not in models.ARCHS:
+            raise UserError(f"arch = {job.arch!r}: unknown; choose from {sorted(models.ARCHS)}")
+    return spec
+
+
+def _table(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    table = raw.get(name, {})
+    if not isinstance(table, dict):
+        raise UserError(f"{name} = {table!r}: expected a table [{name}]")
+    return table
+
+
+def _check_axis(key: str, value: Any, grid: Mapping[str, Any]) -> Any:
+    where = f"[grid] {key}"
+    if key in SETTINGS:
+        return SETTINGS[key].check(where, value)
+    if key.startswith("task."):
+        return value  # checked by the task's registry entry when the jobs are expanded
+    if key.startswith("init_params."):
+        parts = key.split(".")
+        if len(parts) != 3 or parts[1] not in inits.INITS:
+            raise UserError(f"{where}: expected 'init_params.<scheme>.<param>' with scheme in "
+                            f"{sorted(inits.INITS)}")
+        return inits.check_param(parts[1], parts[2], value, where)
+    raise UserError(f"unknown key [grid] {key!r}; choose from {sorted(SETTINGS)}, "
+                    "'task.<param>' or 'init_params.<scheme>.<param>'")
+
+
+def _dataclass_table(cls: type, table: dict[str, Any], name: str) -> Any:
+    valid = {f.name: f for f in fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in valid:
+            raise UserError(f"unknown key [{name}] {key!r}; choose from {sorted(valid)}")
+        default = getattr(cls(), key)
+        where = f"[{name}] {key}"
+        if isinstance(default, str):
+            if not isinstance(value, str):
+                raise UserError(f"{where} = {value!r}: expected a string")
+        elif isinstance(default, int) and not isinstance(default, bool):
+            value = _int(0)(where, value)
+        else:
+            value = _float(0.0, strict=True)(where, value)
+        values[key] = value
+    if name == "runtime" and values.get("backend", "loky") not in ("loky", "dask", "threading"):
+        raise UserError(f"[runtime] backend = {values['backend']!r}: choose from ['dask', 'loky', 'threading']")
+    return cls(**values)

@@ -1,0 +1,162 @@
+"""``python -m bench.sweep SPEC.toml``: train every job of a spec, store the results, resume.
+
+Exit codes: 0 done (diverged jobs are results), 1 some jobs failed, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench import cli
+from bench.errors import EXIT_FAILED, EXIT_OK, UserError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 1:
+        raise cli.argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def parser() -> cli.Parser:
+    p = cli.Parser(prog="python -m bench.sweep", description=__doc__.splitlines()[0])
+    p.add_argument("spec", help="the sweep spec (TOML)")
+    p.add_argument("--out", help="output directory (default: reports/<spec name>/)")
+    p.add_argument("--jobs", type=_positive_int, help="worker processes (default: chosen from the work)")
+    p.add_argument("--backend", choices=["loky", "dask", "threading"], help="joblib backend (default: loky)")
+    p.add_argument("--scheduler", help="dask scheduler address, e.g. tcp://host:8786")
+    p.add_argument("--devices", help="auto | cpu | cuda | cuda:0,cuda:1 (default: auto)")
+    p.add_argument("--fresh", action="store_true", help="delete earlier results in --out first")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    p.add_argument("--no-report", action="store_true", help="do not write report.html")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    return p
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = parser().parse_args(argv)
+    if args.scheduler and args.backend not in (None, "dask"):
+        parser().error("--scheduler needs --backend dask")
+    from bench import dispatch, spec, store  # after parsing: --help and flag errors stay instant
+
+    sweep = spec.load(args.spec)
+    jobs = sweep.jobs()
+    runtime = sweep.runtime
+    devices = dispatch.parse_devices(args.devices or runtime.devices)
+    backend = args.backend or runtime.backend
+    out = Path(args.out) if args.out else Path("reports") / _safe_name(sweep.name)
+
+    if args.dry_run:
+        bundles = dispatch.plan(jobs, devices, max_bundle=runtime.max_bundle, workers=args.jobs or 1)
+        workers = dispatch.choose_workers(bundles, devices, args.jobs or runtime.jobs)
+        print(f"{sweep.name}: {len(jobs)} jobs in {len(bundles)} bundles on {','.join(devices)}, "
+              f"{workers or 'no'} worker processes; results -> {out}")
+        return EXIT_OK
+
+    from bench import record
+
+    meta = {"spec_text": sweep.text, "spec_path": sweep.path, "spec_name": sweep.name,
+            "axes": [k for k, _ in sweep.grid], "env": record.environment(",".join(devices))}
+    db = store.Store.open(out, fingerprint=sweep.fingerprint, meta=meta, fresh=args.fresh)
+    done = db.finished()
+    pending = [j for j in jobs if j.job_id not in done]
+    first = dispatch.plan(pending, devices, max_bundle=runtime.max_bundle) if pending else []
+    workers = dispatch.choose_workers(first, devices, args.jobs or runtime.jobs)
+    bundles = dispatch.plan(pending, devices, max_bundle=runtime.max_bundle, workers=max(workers, 1))
+    if args.scheduler:
+        _connect_dask(args.scheduler)
+    counts = {"ok": 0, "diverged": 0, "failed": 0}
+    start = time.perf_counter()
+    bar = None if args.quiet else _progress(len(jobs), len(done))
+    try:
+        for result in dispatch.execute(bundles, sweep.metrics, workers=workers, backend=backend):
+            db.add(result)
+            counts[result.status] += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(diverged=counts["diverged"], failed=counts["failed"], refresh=False)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        sys.stderr.write(f"interrupted: {sum(counts.values())} jobs stored in {out}; "
+                         f"rerun the same command to resume\n")
+        db.close()
+        return 130
+    finally:
+        if bar is not None:
+            bar.close()
+    db.set_meta("wall_s", f"{time.perf_counter() - start:.3f}")
+    db.close()
+
+    if not args.quiet:
+        _print_summary(out, len(done), counts)
+    if not args.no_report:
+        _write_report(out, args.quiet)
+    return EXIT_FAILED if counts["failed"] else EXIT_OK
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "sweep"
+
+
+def _progress(total: int, done: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, unit="job", file=sys.stderr, dynamic_ncols=True,
+                desc="sweep")
+
+
+def _connect_dask(address: str) -> None:
+    try:
+        from dask.distributed import Client
+    except ImportError:
+        raise UserError("--backend dask needs dask.distributed: pip install 'initbench[dask]'") from None
+    try:
+        Client(address, timeout=10)
+    except OSError as err:
+        raise UserError(f"--scheduler {address}: cannot connect ({err})") from None
+
+
+def _print_summary(out: Path, resumed: int, counts: dict[str, int]) -> None:
+    import bench
+
+    results = bench.load(out)
+    runs = results.runs
+    print(f"\n{len(runs)} jobs in {out}: " + ", ".join(f"{v} {k}" for k, v in
+                                                      runs["status"].value_counts().items())
+          + (f" ({resumed} from an earlier run)" if resumed else ""))
+    if "depth" in runs and runs["steps_to_target"].notna().any():
+        med = (runs.groupby(["depth", "init"])["steps_to_target"].median().reset_index()
+               .dropna().sort_values(["depth", "steps_to_target"]))
+        best = med.groupby("depth").head(1).rename(columns={"steps_to_target": "median steps_to_target"})
+        print("best init per depth (median steps_to_target over the grid):")
+        print(best.to_string(index=False))
+    failed = runs[runs["status"] == "failed"]
+    for _, row in failed.head(5).iterrows():
+        print(f"failed {row['job_id']}: {row['error']}", file=sys.stderr)
+
+
+def _write_report(out: Path, quiet: bool) -> None:
+    try:
+        from bench.report import build
+    except ImportError:
+        return  # the report package is optional while it is being built
+    path = build(out)
+    if not quiet:
+        print(f"report: {path}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    return cli.run(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
