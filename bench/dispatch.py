@@ -90,7 +90,7 @@ def plan(jobs: list[Job], devices: list[str], *, max_bundle: int = 64, workers: 
         parts = math.ceil(len(group) / max_bundle)
         size = math.ceil(len(group) / parts)
         chunks.extend(group[i: i + size] for i in range(0, len(group), size))
-    while len(chunks) < workers and max(len(c) for c in chunks) > 1:
+    while chunks and len(chunks) < workers and max(len(c) for c in chunks) > 1:
         chunks.sort(key=len)
         big = chunks.pop()
         chunks.extend([big[: len(big) // 2], big[len(big) // 2:]])

@@ -110,7 +110,7 @@ SETTINGS: dict[str, Setting] = {
     "log_every": Setting("train", _int(1), 10),
     "seed": Setting("train", _int(0), 0),
 }
-TABLES = ("model", "task", "train", "init_params", "metrics", "runtime")
+TABLES = ("model", "task", "train", "init_params", "metrics", "runtime", "regression")
 
 
 # --- what a spec becomes ---------------------------------------------------------
@@ -197,6 +197,8 @@ class Spec:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     text: str = ""
+    # [regression]: watched metrics and tolerances, validated by bench.regress.parse_table
+    regression: tuple[tuple[str, Any], ...] = ()
 
     @property
     def fingerprint(self) -> str:
@@ -306,12 +308,22 @@ def _parse(raw: dict[str, Any], where: str, text: str) -> Spec:
         init_params=tuple(sorted((s, tuple(sorted(p.items()))) for s, p in init_params.items())),
         metrics=_dataclass_table(MetricsConfig, tables["metrics"], "metrics"),
         runtime=_dataclass_table(RuntimeConfig, tables["runtime"], "runtime"), text=text,
+        regression=_regression_table(tables["regression"]),
     )
     jobs = spec.jobs()  # resolves every task and scheme parameter: fail now, not in a worker
     for job in jobs:
         if job.arch not in models.ARCHS:
             raise UserError(f"arch = {job.arch!r}: unknown; choose from {sorted(models.ARCHS)}")
     return spec
+
+
+def _regression_table(table: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    if not table:
+        return ()
+    from bench import regress  # imported lazily: regress itself builds on specs
+
+    regress.parse_table(table, "[regression]")  # raises UserError naming the key
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in table.items()))
 
 
 def _table(raw: dict[str, Any], name: str) -> dict[str, Any]:

@@ -190,7 +190,8 @@ def load(directory: str | Path) -> Results:
     records, curves, layers = [], [], []
     for job_id, status, error, settings, mets, paths, wall_s, env, cblob, lblob in rows:
         env = json.loads(env)
-        records.append({**json.loads(settings), "job_id": job_id, "status": status, "error": error,
+        settings = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(settings).items()}
+        records.append({**settings, "job_id": job_id, "status": status, "error": error,
                         **json.loads(mets), "pathologies": paths, "wall_s": wall_s,
                         **{k: env.get(k, "") for k in _ENV_COLUMNS}})
         for blob, sink in ((cblob, curves), (lblob, layers)):
