@@ -72,7 +72,8 @@ def loss_per_job(out: torch.Tensor, y: torch.Tensor, classes: int | None) -> tor
 def _stats(t: torch.Tensor) -> torch.Tensor:
     """mean, std, absmax, norm of each job's slice of ``t`` (K, ...) -> (K, 4)."""
     flat = t.detach().flatten(1)
-    std = flat.std(dim=1) if flat.shape[1] > 1 else torch.zeros(len(flat), device=flat.device)
+    # The std of a single value (a one-unit output bias) is undefined: NaN, as torch.std says.
+    std = flat.std(dim=1) if flat.shape[1] > 1 else torch.full((len(flat),), float("nan"), device=flat.device)
     return torch.stack([flat.mean(1), std, flat.abs().amax(1), flat.norm(dim=1)], dim=1)
 
 
@@ -212,17 +213,23 @@ def train(jobs: list[Job], *, divergence_ratio: float = 10.0, device: str = "cpu
         torch.where(active, loss, torch.zeros_like(loss)).sum().backward()
         for k in np.flatnonzero(diverged_at == t):
             opt.retire(int(k))
-        before = [w.detach().clone() for w in params] if probe and t < steps else None
-        if t < steps:
-            opt.step()
-        if probe:
+        if probe:  # the state this step starts from: parameters, their gradients, activations
             with torch.no_grad():
-                _probe(li, layer_stats, grad_norm, W, B, record, before, params)
+                _probe(layer_stats[li], grad_norm[li], W, B, record)
                 vout = forward(x_val, None)
                 val_loss[li] = loss_per_job(vout, y_val, classes)
                 if classes is not None:
                     val_acc[li] = (vout.argmax(-1) == y_val).float().mean(1)
-            li += 1
+        before = [p.detach().clone() for p in params] if probe and t < steps else None
+        if t < steps:
+            opt.step()
+        if before is not None:
+            with torch.no_grad():
+                for j, p in enumerate(params):
+                    delta = (p - before[j]).flatten(1).norm(dim=1)
+                    layer_stats[li, :, j // 2, j % 2, STATS.index("update_ratio")] = \
+                        delta / before[j].flatten(1).norm(dim=1)
+        li += int(probe)
         if not bool(active.any()):
             break
 
@@ -233,28 +240,24 @@ def train(jobs: list[Job], *, divergence_ratio: float = 10.0, device: str = "cpu
                         init_loss=init_loss.cpu().numpy(), final_params=final)
 
 
-def _probe(li: int, out: torch.Tensor, grad_norm: torch.Tensor, W: list, B: list, record: list,
-           before: list | None, params: list) -> None:
-    """Fill ``out[li]`` (K, depth, kinds, stats) for one probe step."""
-    sq = torch.zeros(out.shape[1], device=out.device)
+def _probe(out: torch.Tensor, grad_norm: torch.Tensor, W: list, B: list, record: list) -> None:
+    """Fill one probe step's stats ``out`` (K, depth, kinds, stats) and whole-gradient norms (K,)."""
+    sq = torch.zeros(out.shape[0], device=out.device)
     for i, (w, b) in enumerate(zip(W, B)):
-        for kind, p, j in ((0, w, 2 * i), (1, b, 2 * i + 1)):
-            out[li, :, i, kind, :4] = _stats(p)
+        for kind, p in ((0, w), (1, b)):
+            out[:, i, kind, :4] = _stats(p)
             g = p.grad.flatten(1).norm(dim=1)
-            out[li, :, i, kind, 4] = g
+            out[:, i, kind, 4] = g
             sq += g**2
-            if before is not None:
-                delta = (p.detach() - before[j]).flatten(1).norm(dim=1)
-                out[li, :, i, kind, 5] = delta / before[j].flatten(1).norm(dim=1)
         z, h = record[i]
-        out[li, :, i, 3, :4] = _stats(z)
+        out[:, i, 3, :4] = _stats(z)
         # Activation "norm" is the RMS over the batch of each sample's vector norm.
-        out[li, :, i, 3, 3] = z.detach().pow(2).sum(-1).mean(-1).sqrt()
+        out[:, i, 3, 3] = z.detach().pow(2).sum(-1).mean(-1).sqrt()
         if h is not None:
-            out[li, :, i, 2, :4] = _stats(h)
-            out[li, :, i, 2, 3] = h.detach().pow(2).sum(-1).mean(-1).sqrt()
-            out[li, :, i, 2, 6] = (h.detach() == 0).all(dim=1).float().mean(-1)
-    grad_norm[li] = sq.sqrt()
+            out[:, i, 2, :4] = _stats(h)
+            out[:, i, 2, 3] = h.detach().pow(2).sum(-1).mean(-1).sqrt()
+            out[:, i, 2, 6] = (h.detach() == 0).all(dim=1).float().mean(-1)
+    grad_norm.copy_(sq.sqrt())
 
 
 def param_count(job: Job, d_in: int, d_out: int) -> int:

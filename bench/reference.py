@@ -1,0 +1,52 @@
+"""The classic training loop, one model at a time: the yardstick for the stacked engine.
+
+``nn.Sequential`` + ``torch.optim``, zero_grad / forward / loss / backward / step,
+and each parameter's mean, std, norm and gradient norm recorded every
+``log_every`` steps, as the tutorial in ``shared/seeds`` does by hand. The
+tests compare the engine with it number for number; the benchmarks compare
+their speed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bench import tasks
+from bench.engine import build_model, loss_per_job
+from bench.spec import Job
+
+
+def make_optimizer(job: Job, params) -> torch.optim.Optimizer:
+    """The torch.optim optimizer a job asks for, with its hyperparameters."""
+    if job.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=job.lr, momentum=job.momentum, weight_decay=job.weight_decay)
+    return torch.optim.Adam(params, lr=job.lr, betas=job.betas, weight_decay=job.weight_decay)
+
+
+def train_plain(job: Job, *, record: bool = True) -> tuple[list[float], nn.Module, list[dict]]:
+    """Train one job the classic way; same model, init, batches and loss as the engine.
+
+    Returns:
+        (losses of steps 0..steps - 1, the trained model, per-parameter records at each
+        logged step: {step, name, mean, std, norm, grad_norm}).
+    """
+    data = tasks.load(job.task, job.task_params, job.seed)
+    model = build_model(job, data)
+    opt = make_optimizer(job, model.parameters())
+    schedule = tasks.batch_schedule(job.seed, len(data.x_train), job.batch_size, job.steps)
+    losses, records = [], []
+    for t in range(job.steps):
+        idx = schedule[t]
+        opt.zero_grad()
+        out = model(data.x_train[idx])
+        loss = loss_per_job(out.unsqueeze(0), data.y_train[idx].unsqueeze(0), data.classes)[0]
+        loss.backward()
+        losses.append(loss.item())
+        if record and t % job.log_every == 0:
+            for name, p in model.named_parameters():
+                records.append({"step": t, "name": name, "mean": p.data.mean().item(),
+                                "std": p.data.std().item(), "norm": p.data.norm().item(),
+                                "grad_norm": p.grad.norm().item()})
+        opt.step()
+    return losses, model, records
