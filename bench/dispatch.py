@@ -143,8 +143,10 @@ def execute(bundles: list[Bundle], cfg: MetricsConfig, *, workers: int,
     """
     if backend not in BACKENDS:
         raise UserError(f"--backend {backend!r}: choose from {list(BACKENDS)}")
-    cores = os.cpu_count() or 1
-    # Split the cores between workers so that their matmul threads don't oversubscribe.
+    # Split the cores between workers so that their matmul threads don't oversubscribe (idle
+    # OpenMP threads spin, so two busy pools on one core slow each other down many times over).
+    # A user's OMP_NUM_THREADS caps the total.
+    cores = min(os.cpu_count() or 1, _thread_cap())
     threads = max(1, cores // max(workers, 1)) if bundles and bundles[0].device == "cpu" else 0
     log.info("dispatch: %d bundles, %d workers (%s), %d threads each", len(bundles), workers,
              backend if workers else "in-process", threads)
@@ -159,6 +161,11 @@ def execute(bundles: list[Bundle], cfg: MetricsConfig, *, workers: int,
     parallel = Parallel(n_jobs=workers, backend=backend, return_as="generator_unordered")
     for results in parallel(delayed(run_bundle)(b.jobs, cfg, b.device, threads) for b in bundles):
         yield from _checked(results)
+
+
+def _thread_cap() -> int:
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else os.cpu_count() or 1
 
 
 def _checked(results: object) -> list[JobResult]:

@@ -132,12 +132,16 @@ def _print_summary(out: Path, resumed: int, counts: dict[str, int]) -> None:
     print(f"\n{len(runs)} jobs in {out}: " + ", ".join(f"{v} {k}" for k, v in
                                                       runs["status"].value_counts().items())
           + (f" ({resumed} from an earlier run)" if resumed else ""))
-    if "depth" in runs and runs["steps_to_target"].notna().any():
-        med = (runs.groupby(["depth", "init"])["steps_to_target"].median().reset_index()
-               .dropna().sort_values(["depth", "steps_to_target"]))
-        best = med.groupby("depth").head(1).rename(columns={"steps_to_target": "median steps_to_target"})
-        print("best init per depth (median steps_to_target over the grid):")
-        print(best.to_string(index=False))
+    ok = runs[runs["status"] != "failed"]
+    if len(ok) and "depth" in ok:
+        # Never reaching the target counts as infinitely slow; ties go to the lower final loss.
+        cells = (ok.assign(steps=ok["steps_to_target"].fillna(float("inf")))
+                 .groupby(["depth", "init"]).agg(steps=("steps", "median"), loss=("final_loss", "median"))
+                 .reset_index().sort_values(["depth", "steps", "loss"]))
+        best = cells.groupby("depth").head(1)
+        best = best.assign(steps=best["steps"].map(lambda s: "never" if s == float("inf") else f"{s:g}"))
+        print("best init per depth (median steps_to_target over the grid; median final loss):")
+        print(best.rename(columns={"steps": "steps_to_target", "loss": "final_loss"}).to_string(index=False))
     failed = runs[runs["status"] == "failed"]
     for _, row in failed.head(5).iterrows():
         print(f"failed {row['job_id']}: {row['error']}", file=sys.stderr)

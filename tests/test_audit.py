@@ -1,0 +1,244 @@
+"""Tests for bench.audit: default-init fingerprints, the scheme matcher, and --save/--against."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from bench import audit
+from bench.errors import UserError
+
+ROOT = Path(__file__).parents[1]
+KAIMING = audit.KAIMING_A5
+HIDDEN = "U(+-1/sqrt(hidden))"
+ARCH = "nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))"
+CLEAN_MOD = f"from torch import nn\n\n\ndef build():\n    return {ARCH}\n"
+# Imported only by the patched run: every Linear weight gets half the default std.
+PATCHED_MOD = f"""import torch
+from torch import nn
+
+_orig = nn.Linear.reset_parameters
+
+
+def _half(self):
+    _orig(self)
+    with torch.no_grad():
+        self.weight.mul_(0.5)
+
+
+nn.Linear.reset_parameters = _half
+
+
+def build():
+    return {ARCH}
+"""
+
+
+def expected_scheme(module: str, parameter: str) -> str:
+    """The scheme PyTorch documents for each built-in module's default init."""
+    if module in ("LSTM", "GRU"):
+        return HIDDEN
+    if module == "Embedding":
+        return "N(0,1)"
+    if module in ("LayerNorm", "BatchNorm2d"):
+        return "ones" if parameter == "weight" else "zeros"
+    if module == "MultiheadAttention":
+        return {"out_proj.weight": KAIMING, "out_proj.bias": "zeros", "in_proj_bias": "zeros"}.get(
+            parameter, "xavier_uniform"
+        )
+    return KAIMING  # Linear and every Conv: kaiming_uniform(a=sqrt(5)) for weight and bias
+
+
+def cli(*args: str, env_path: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the real command line from the repository root."""
+    env = dict(os.environ)
+    if env_path is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(env_path), str(ROOT)])
+    return subprocess.run(
+        [sys.executable, "-m", "bench.audit", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=120,
+    )
+
+
+ORIGINAL_LINEAR_RESET = nn.Linear.reset_parameters
+
+
+def half_linear(self: nn.Linear) -> None:
+    """A regressed reset_parameters: the default init at half the std."""
+    ORIGINAL_LINEAR_RESET(self)
+    with torch.no_grad():
+        self.weight.mul_(0.5)
+
+
+@pytest.fixture(scope="module")
+def default_audit() -> list[audit.Fingerprint]:
+    return audit.audit(list(audit.MODULES))  # the default draws, as `python -m bench.audit` runs
+
+
+def test_every_builtin_parameter_matches_its_documented_scheme(default_audit):
+    assert {fp.module for fp in default_audit} == set(audit.MODULES)
+    for fp in default_audit:
+        where = f"{fp.module} {fp.shape} {fp.parameter}"
+        assert fp.scheme == expected_scheme(fp.module, fp.parameter), where
+        assert fp.n >= 20_000, where
+        if fp.scheme in ("zeros", "ones"):
+            assert fp.std == 0 and (fp.zeros if fp.scheme == "zeros" else fp.ones) == 1.0, where
+        else:
+            assert fp.ks < 0.05 and fp.ks_p > audit.UNKNOWN_P, where
+            assert fp.zeros < 1e-5, where
+        if fp.scheme == KAIMING:
+            assert fp.std_fan == pytest.approx(1 / math.sqrt(3), rel=0.03), where
+            assert fp.absmax_fan == pytest.approx(1.0, abs=0.01), where
+            assert fp.kurtosis == pytest.approx(-1.2, abs=0.1), where
+        if fp.scheme == "N(0,1)":
+            assert fp.std == pytest.approx(1.0, rel=0.03) and fp.kurtosis == pytest.approx(0, abs=0.2)
+
+
+def test_fans_follow_torch(default_audit):
+    by_key = {fp.key: fp for fp in default_audit}
+    assert by_key["Conv2d", "32->32 k3 g4", "weight"].fan_in == 8 * 3 * 3  # groups divide fan_in
+    assert by_key["Conv2d", "32->32 k3 g4", "bias"].fan_in == 8 * 3 * 3  # a bias takes its weight's fan_in
+    assert by_key["ConvTranspose2d", "32->16 k4", "weight"].fan_in == 16 * 4 * 4  # dim 1 is fan_in
+    assert by_key["LayerNorm", "64", "weight"].fan_in is None
+
+
+def test_same_seed_is_identical_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = audit.audit(["Linear", "LSTM"], draws=5, seed=7)
+    assert torch.equal(torch.rand(3), expected)
+    assert audit.audit(["Linear", "LSTM"], draws=5, seed=7) == first
+    assert audit.audit(["Linear", "LSTM"], draws=5, seed=8) != first
+
+
+def test_compare_catches_patched_linear_reset_in_process():
+    clean = audit.audit(["Linear"], draws=40, seed=0)
+    try:
+        nn.Linear.reset_parameters = half_linear
+        patched = audit.audit(["Linear"], draws=40, seed=1)
+    finally:
+        nn.Linear.reset_parameters = ORIGINAL_LINEAR_RESET
+    changes = audit.compare(clean, patched)
+    moved = {(c.shape, c.parameter, c.field) for c in changes}
+    for shape, _ in audit.MODULES["Linear"]:
+        assert {(shape, "weight", "std"), (shape, "weight", "scheme")} <= moved
+    assert not [c for c in changes if c.parameter == "bias"]
+    std = next(c for c in changes if c.field == "std")
+    assert float(std.new) == pytest.approx(float(std.old) / 2, rel=0.05)
+    assert audit.compare(clean, audit.audit(["Linear"], draws=40, seed=2)) == []
+
+
+def test_compare_lists_missing_and_extra_entries():
+    fps = audit.audit(["LayerNorm"], draws=2)
+    changes = audit.compare(fps[:-1], fps[1:])
+    assert [(c.parameter, c.old, c.new) for c in changes] == [("weight", "present", "missing"),
+                                                              ("bias", "missing", "present")]
+
+
+def test_cli_save_then_against_same_and_different_seed(tmp_path):
+    base = tmp_path / "sub" / "audit.json"
+    common = ["--modules", "Linear,Embedding,LayerNorm,GRU,MultiheadAttention", "--draws", "30"]
+    saved = cli(*common, "--save", str(base))
+    assert saved.returncode == 0, saved.stderr
+    doc = json.loads(base.read_text())
+    assert doc["format"] == audit.FORMAT and doc["version"] == audit.VERSION
+    assert doc["environment"]["torch"] == torch.__version__ and "host" in doc["environment"]
+    assert not list(base.parent.glob("*.tmp"))
+    for seed in ("0", "1"):
+        checked = cli(*common, "--seed", seed, "--against", str(base))
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert "match" in checked.stdout
+
+
+def test_plain_run_prints_the_fingerprint_table(capsys):
+    assert audit.main(["--modules", "Embedding,LayerNorm", "--draws", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:3] == ["module", "shape", "parameter"]
+    assert len(out) == 1 + 2 + 4 and "N(0,1)" in out[1] and out[-1].split()[-3] == "zeros"
+
+
+def test_cli_catches_patched_reset_parameters_via_factory(tmp_path):
+    (tmp_path / "clean_mod.py").write_text(CLEAN_MOD)
+    (tmp_path / "patched_mod.py").write_text(PATCHED_MOD)
+    base = tmp_path / "base.json"
+    common = ["--draws", "100"]
+    saved = cli(*common, "--factory", "clean_mod:build", "--save", str(base), env_path=tmp_path)
+    assert saved.returncode == 0, saved.stderr
+    bad = cli(*common, "--factory", "patched_mod:build", "--seed", "1", "--against", str(base),
+              env_path=tmp_path)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    rows = [line.split() for line in bad.stdout.splitlines()]
+    flagged = {(r[2], r[3]) for r in rows if len(r) >= 4 and r[0] == "factory"}
+    assert {("0.weight", "std"), ("2.weight", "std"), ("0.weight", "scheme")} <= flagged
+    assert not {p for p, _ in flagged if p.endswith("bias")}
+    good = cli(*common, "--factory", "clean_mod:build", "--seed", "1", "--against", str(base),
+               env_path=tmp_path)
+    assert good.returncode == 0, good.stdout + good.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--modules", "Linear,Foo"], "unknown module 'Foo'; choose from [Linear, Conv1d"),
+        (["--save", "a.json", "--against", "b.json"], "not allowed with argument"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(args, needle):
+    result = cli(*args)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and needle in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--factory", "nonsense"], "'nonsense'"),
+        (["--factory", "no_such_module_xyz:build"], "no_such_module_xyz"),
+        (["--modules", ","], "--modules"),
+        (["--draws", "0"], "--draws"),
+        (["--against", "absent.json"], "absent.json"),
+    ],
+)
+def test_main_bad_input_returns_2_with_one_line(args, needle, capsys):
+    assert audit.main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and needle in err, err
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["{not json", json.dumps({"format": "something-else"}),
+     json.dumps({"format": audit.FORMAT, "version": 99, "fingerprints": []}),
+     json.dumps({"format": audit.FORMAT, "version": audit.VERSION, "fingerprints": [{"module": "Linear"}]})],
+)
+def test_corrupt_or_foreign_baseline_is_a_user_error(tmp_path, content):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(UserError, match="bad.json"):
+        audit.load(path)
+
+
+def test_cli_corrupt_against_file_exits_2(tmp_path):
+    good = tmp_path / "good.json"
+    audit.save(good, audit.audit(["LayerNorm"], draws=2), {})
+    doc = json.loads(good.read_text())
+    doc["fingerprints"][0]["std"] = "wide"
+    bad = tmp_path / "edited.json"
+    bad.write_text(json.dumps(doc))
+    result = cli("--modules", "LayerNorm", "--against", str(bad))
+    assert result.returncode == 2 and "edited.json" in result.stderr and "std" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("spec", ["math:pi", "builtins:dict", "json:dumps", "json:", ":build"])
+def test_factory_that_is_not_a_module_builder_is_a_user_error(spec):
+    with pytest.raises(UserError, match="--factory"):
+        audit.load_factory(spec)()
