@@ -22,9 +22,9 @@ Fn = Callable[[np.ndarray], np.ndarray]
 Params = Mapping[str, Any] | None
 Bias = str | float
 
-# Gauss-Legendre on each half-line [0, 10] (tail mass 1e-23) weighted by the normal density: kinks sit on
-# the split, where nodes cluster, so relu/selu kinks and saturation at large q stay resolved (1e-14 up to
-# q = 100; 100-point Gauss-Hermite is off by 1% for selu phi' and 30% for tanh phi' at q = 30).
+# Gauss-Legendre on each half-line [0, 10] (tail mass 1e-23) weighted by the normal density: splitting
+# at z = 0 puts relu/selu kinks on the seam and clusters nodes there, resolving saturation at large q too
+# (1e-14 up to q = 100; 100-point Gauss-Hermite is 1% off for selu phi', 30% for tanh phi' at q = 30).
 _HALF, _HALF_W = np.polynomial.legendre.leggauss(100)
 _HALF, _HALF_W = 5.0 * (_HALF + 1.0), _HALF_W * np.exp(-12.5 * (_HALF + 1.0) ** 2)
 _NODES = np.concatenate([-_HALF[::-1], _HALF])
@@ -57,14 +57,8 @@ ACTIVATIONS: dict[str, tuple[Fn, Fn]] = {
 }
 
 # torch.nn.init.calculate_gain values; gelu is absent from torch and is computed in activation_gain.
-_TORCH_GAINS: dict[str, float] = {
-    "relu": math.sqrt(2.0),
-    "leaky_relu": math.sqrt(2.0 / (1.0 + _SLOPE**2)),
-    "tanh": 5.0 / 3.0,
-    "selu": 3.0 / 4.0,
-    "sigmoid": 1.0,
-    "linear": 1.0,
-}
+_TORCH_GAINS = {"relu": math.sqrt(2.0), "tanh": 5.0 / 3.0, "selu": 0.75, "sigmoid": 1.0, "linear": 1.0}
+_TORCH_GAINS["leaky_relu"] = math.sqrt(2.0 / (1.0 + _SLOPE**2))
 
 
 def _lookup(registry: Mapping[str, Any], kind: str, name: str) -> Any:
@@ -224,8 +218,7 @@ def critical_sigma_w2(activation: str, sigma_b2: float) -> float:
     """The sigma_w2 at which chi1 == 1 (the edge of chaos) for a given sigma_b2.
 
     Solves with brentq on [0.1, 20], widening the top up to 1e4 (sigmoid, with phi' <= 1/4, needs
-    sigma_w2 >= 16). Returns sigma_w2, e.g. 2 for relu and 1 for tanh at sigma_b2 = 0. Raises
-    UserError when chi1 does not cross 1 there.
+    sigma_w2 >= 16). Returns sigma_w2, e.g. 2 for relu and 1 for tanh at sigma_b2 = 0; UserError if none.
     """
     _lookup(ACTIVATIONS, "activation", activation)
 
