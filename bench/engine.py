@@ -42,6 +42,8 @@ class BundleOutput:
     layer_stats: np.ndarray  # (n_log, K, depth, len(KINDS), len(STATS))
     diverged_at: np.ndarray  # (K,) step of divergence, -1 if never
     init_loss: np.ndarray  # (K,) loss at step 0 (the divergence reference)
+    input_q: np.ndarray  # (K,) mean squared input entry of the step-0 batch (for theory's q0)
+    dims: list[int]  # layer widths [d_in, hidden..., d_out]
     final_params: list[list[torch.Tensor]] = field(default_factory=list)  # per job [W1, b1, ...]
 
 
@@ -70,11 +72,19 @@ def loss_per_job(out: torch.Tensor, y: torch.Tensor, classes: int | None) -> tor
 
 
 def _stats(t: torch.Tensor) -> torch.Tensor:
-    """mean, std, absmax, norm of each job's slice of ``t`` (K, ...) -> (K, 4)."""
+    """mean, std, absmax, norm of each job's slice of ``t`` (K, ...) -> (K, 4).
+
+    Two-pass std by hand: torch.std on CPU is about 20x slower than these three kernels.
+    """
     flat = t.detach().flatten(1)
-    # The std of a single value (a one-unit output bias) is undefined: NaN, as torch.std says.
-    std = flat.std(dim=1) if flat.shape[1] > 1 else torch.full((len(flat),), float("nan"), device=flat.device)
-    return torch.stack([flat.mean(1), std, flat.abs().amax(1), flat.norm(dim=1)], dim=1)
+    n = flat.shape[1]
+    mean = flat.mean(1)
+    if n > 1:
+        dev = flat - mean[:, None]
+        std = ((dev * dev).sum(1) / (n - 1)).sqrt()
+    else:  # the std of a single value (a one-unit output bias) is undefined: NaN, as torch.std says
+        std = torch.full_like(mean, float("nan"))
+    return torch.stack([mean, std, flat.abs().amax(1), torch.linalg.vector_norm(flat, dim=1)], dim=1)
 
 
 class _Optimizer:
@@ -201,6 +211,7 @@ def train(jobs: list[Job], *, divergence_ratio: float = 10.0, device: str = "cpu
         loss = loss_per_job(out, y_train[rows, idx], classes)
         if t == 0:
             init_loss = loss.detach().clone()
+            input_q = x_train[rows, idx].pow(2).mean(dim=(1, 2))
         # Divergence is checked every step (a CPU-GPU sync point, cheap next to a step).
         bad = active & ~(torch.isfinite(loss) & (loss <= divergence_ratio * init_loss))
         if bool(bad.any()):
@@ -237,7 +248,9 @@ def train(jobs: list[Job], *, divergence_ratio: float = 10.0, device: str = "cpu
     return BundleOutput(log_steps=log_steps, losses=losses.cpu().numpy(), val_loss=val_loss.cpu().numpy(),
                         val_acc=val_acc.cpu().numpy(), grad_norm=grad_norm.cpu().numpy(),
                         layer_stats=layer_stats.cpu().numpy(), diverged_at=diverged_at,
-                        init_loss=init_loss.cpu().numpy(), final_params=final)
+                        init_loss=init_loss.cpu().numpy(), input_q=input_q.cpu().numpy(),
+                        dims=models.layer_dims(data[0].d_in, data[0].d_out, ref.depth, ref.width),
+                        final_params=final)
 
 
 def _probe(out: torch.Tensor, grad_norm: torch.Tensor, W: list, B: list, record: list) -> None:

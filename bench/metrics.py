@@ -23,6 +23,8 @@ Every metric is defined here once (and in the README's "Metrics" table):
   is zero for every sample of the probe batch, at step 0 / the last logged step.
 - ``weight_growth``: norm of all weights at the last logged step over step 0
   (NaN when the initial weights are all zero).
+- ``signal_error``: median over layers of |log(measured / predicted)| preactivation
+  second moment at step 0, the prediction from mean-field theory (bench.theory).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from bench.spec import MetricsConfig
 
 METRICS = ("steps_to_target", "final_loss", "best_loss", "loss_auc", "final_val_loss", "final_val_acc",
            "diverged_at", "n_spikes", "grad_ratio_init", "act_ratio_init", "dead_frac_init",
-           "dead_frac_final", "weight_growth")
+           "dead_frac_final", "weight_growth", "signal_error")
 PATHOLOGIES = ("vanishing_gradients", "exploding_gradients", "exploding_weights", "dead_units", "stalled",
                "diverged")
 
@@ -75,6 +77,14 @@ def n_spikes(loss: np.ndarray, ratio: float) -> int:
         above = now
         best = min(best, value)
     return count
+
+
+def signal_error(measured: np.ndarray, predicted: np.ndarray) -> float:
+    """Median over layers of |log(measured / predicted)| second moments; NaN where undefined (zeros)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        err = np.abs(np.log(np.asarray(measured, float) / np.asarray(predicted, float)))
+    err = err[np.isfinite(err)]
+    return float(np.median(err)) if len(err) else float("nan")
 
 
 def _ratio(num: float, den: float) -> float:

@@ -22,7 +22,7 @@ from bench.spec import Job, MetricsConfig
 
 STATUSES = ("ok", "diverged", "failed")
 CURVE_COLUMNS = ("step", "train_loss", "val_loss", "val_acc", "grad_norm")
-LAYER_COLUMNS = ("step", "layer", "param", *STATS)
+LAYER_COLUMNS = ("step", "layer", "param", *STATS, "q", "q_pred")
 
 
 def environment(device: str = "cpu") -> dict[str, str]:
@@ -59,6 +59,18 @@ def failed(job: Job, error: str, env: dict[str, str], wall_s: float = float("nan
                      metrics={name: float("nan") for name in metrics.METRICS}, wall_s=wall_s, env=env)
 
 
+def _predicted_q(job: Job, dims: list[int], q0: float) -> np.ndarray:
+    """Mean-field prediction of each layer's preactivation second moment at step 0 (NaN if none)."""
+    from bench import theory
+    from bench.errors import UserError
+
+    try:
+        return theory.predicted_preact_variance(job.init, job.activation, dims, q0,
+                                                params=dict(job.init_params), init_bias=job.init_bias)
+    except (UserError, ValueError, ArithmeticError):
+        return np.full(len(dims) - 1, np.nan)
+
+
 def from_bundle(jobs: list[Job], out: BundleOutput, cfg: MetricsConfig, wall_s: float,
                 env: dict[str, str]) -> list[JobResult]:
     """Turn a trained bundle's arrays into one :class:`JobResult` per job."""
@@ -80,8 +92,17 @@ def from_bundle(jobs: list[Job], out: BundleOutput, cfg: MetricsConfig, wall_s: 
         layers.insert(0, "step", np.repeat(steps, depth * len(KINDS)))
         # The output layer has no post-activation; keep only rows that were measured.
         layers = layers[~((layers["param"] == "act") & (layers["layer"] == depth - 1))].reset_index(drop=True)
+        # Signal propagation: measured second moment of each layer's preactivation at step 0
+        # next to mean-field theory's prediction for this scheme, activation and input.
+        pre = layers["param"].isin(["preact", "act"])
+        layers["q"] = np.where(pre, layers["mean"] ** 2 + layers["std"] ** 2, np.nan)
+        predicted = _predicted_q(job, out.dims, float(out.input_q[k]))
+        first = (layers["step"] == 0) & (layers["param"] == "preact")
+        layers["q_pred"] = np.nan
+        layers.loc[first, "q_pred"] = predicted[layers.loc[first, "layer"].to_numpy()]
         m = metrics.job_metrics(steps, train, curves["val_loss"].to_numpy(), curves["val_acc"].to_numpy(),
                                 stats, div, job.steps, cfg)
+        m["signal_error"] = metrics.signal_error(layers.loc[first, "q"].to_numpy(), predicted)
         flags = metrics.pathologies(m, cfg)
         results.append(JobResult(job.job_id, job.settings(), "diverged" if div >= 0 else "ok",
                                  metrics=m, pathologies=",".join(flags), wall_s=wall_s / len(jobs),
