@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import time
 import traceback
 from collections.abc import Iterator
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 from joblib import Parallel, delayed
+from joblib.externals.loky import get_reusable_executor
+from joblib.externals.loky.process_executor import BrokenProcessPool
 
 from bench import record
 from bench.engine import flops_per_step, train
@@ -94,46 +97,107 @@ def plan(jobs: list[Job], devices: list[str], *, max_bundle: int = 64, workers: 
         chunks.sort(key=len)
         big = chunks.pop()
         chunks.extend([big[: len(big) // 2], big[len(big) // 2:]])
-    # Most expensive first, so the last bundles to finish are short ones.
+    # Most expensive first, so the last bundles to finish are short ones; each goes to the device
+    # with the least estimated work so far (greedy longest-processing-time balancing).
     bundles = sorted((Bundle(tuple(c)) for c in chunks), key=lambda b: -b.cost)
-    return [Bundle(b.jobs, devices[i % len(devices)]) for i, b in enumerate(bundles)]
+    load = dict.fromkeys(devices, 0.0)
+    placed = []
+    for b in bundles:
+        device = min(devices, key=lambda d: load[d])
+        load[device] += b.cost
+        placed.append(Bundle(b.jobs, device))
+    return placed
 
 
 def run_bundle(jobs: tuple[Job, ...], cfg: MetricsConfig, device: str, threads: int) -> list[JobResult]:
     """Train one bundle in this process and return its results; never raises for a job's error.
 
-    A bundle that raises is retried one job at a time, so one bad job cannot take its
+    Out of device memory, the bundle is split in halves and each half retried (down to single
+    jobs). Any other error retries the jobs one at a time, so one bad job cannot take its
     bundle-mates down; a job that still raises becomes a ``failed`` row with its error.
     """
     if threads:
         torch.set_num_threads(threads)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
     env = record.environment(device)
     start = time.perf_counter()
     try:
         out = train(list(jobs), divergence_ratio=cfg.divergence_ratio, device=device)
         return record.from_bundle(list(jobs), out, cfg, time.perf_counter() - start, env)
+    except torch.OutOfMemoryError as err:
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        if len(jobs) > 1:
+            half = len(jobs) // 2
+            first = run_bundle(jobs[:half], cfg, device, threads)
+            return first + run_bundle(jobs[half:], cfg, device, threads)
+        return [record.failed(jobs[0], f"out of memory on {device} even alone: {_first_line(err)}", env,
+                              time.perf_counter() - start)]
     except Exception as err:  # noqa: BLE001 - any error in user data or training is the job's result
         if len(jobs) > 1:
             return [r for job in jobs for r in run_bundle((job,), cfg, device, threads)]
-        message = f"{type(err).__name__}: {err}"
         log.debug("job %s failed:\n%s", jobs[0].job_id, traceback.format_exc())
-        return [record.failed(jobs[0], message, env, time.perf_counter() - start)]
+        return [record.failed(jobs[0], f"{type(err).__name__}: {_first_line(err)}", env,
+                              time.perf_counter() - start)]
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def choose_workers(bundles: list[Bundle], devices: list[str], jobs: int = 0) -> int:
-    """Worker processes: ``jobs`` if given, else one per device for CUDA, else per core (or 0: in-process)."""
+    """Worker processes: ``jobs`` if given, else one per CUDA device, else one per core.
+
+    0 means in-process (no pool): a small sweep of built-in tasks would spend longer starting
+    workers than training. Sweeps that call user code (a task factory) always get worker
+    processes, so that a crash in that code is isolated and recorded instead of ending the sweep.
+    ``--jobs 1`` also trains in-process (joblib runs n_jobs=1 sequentially).
+    """
+    if not bundles:
+        return 0
     if jobs:
-        return min(jobs, max(len(bundles), 1))
+        return min(jobs, len(bundles)) if jobs > 1 else 0
+    user_code = any(":" in j.task for b in bundles for j in b.jobs)
     if devices[0].startswith("cuda"):
         return min(len(devices), len(bundles))
-    if sum(b.cost for b in bundles) < IN_PROCESS_FLOPS:
+    if not user_code and sum(b.cost for b in bundles) < IN_PROCESS_FLOPS:
         return 0
-    return min(os.cpu_count() or 1, len(bundles))
+    return max(2 if user_code else 1, min(os.cpu_count() or 1, len(bundles)))
+
+
+class WorkerCrash(Exception):
+    """A worker process died (segfault, ``os._exit``, OOM kill) while bundles were in flight."""
+
+    def __init__(self, cause: str, suspects: list[Bundle], untouched: list[Bundle]):
+        super().__init__(cause)
+        self.cause, self.suspects, self.untouched = cause, suspects, untouched
+
+
+def _crash_cause(err: BaseException) -> str:
+    # loky says e.g. "... The exit codes of the workers are {EXIT(3)}" or "{SIGKILL(-9)}".
+    codes = re.search(r"exit codes of the workers are \{([^}]*)\}", str(err))
+    if not codes:
+        return f"worker process died ({type(err).__name__})"
+    parts = []
+    for code in codes.group(1).split(","):
+        m = re.match(r"\s*(\w+)\((-?\d+)\)", code)
+        if m and m.group(1) == "EXIT":
+            parts.append(f"worker exited with code {m.group(2)}")
+        elif m:
+            parts.append(f"worker killed by {m.group(1)}")
+    return "; ".join(parts) or "worker process died"
 
 
 def execute(bundles: list[Bundle], cfg: MetricsConfig, *, workers: int,
             backend: str = "loky") -> Iterator[JobResult]:
     """Run bundles and yield each job's result as its bundle finishes.
+
+    A worker that dies takes its bundle with it: the bundles that may have been running are
+    retried one job at a time, each alone in a fresh worker process, so that the job that kills
+    its worker is identified and recorded as ``failed`` with the cause; the rest of the sweep
+    goes on in a new pool.
 
     Args:
         bundles: from :func:`plan`.
@@ -158,9 +222,52 @@ def execute(bundles: list[Bundle], cfg: MetricsConfig, *, workers: int,
         finally:
             torch.set_num_threads(previous)
         return
-    parallel = Parallel(n_jobs=workers, backend=backend, return_as="generator_unordered")
-    for results in parallel(delayed(run_bundle)(b.jobs, cfg, b.device, threads) for b in bundles):
-        yield from _checked(results)
+    todo = list(bundles)
+    while todo:
+        try:
+            yield from _pool(todo, cfg, workers, backend, threads)
+            return
+        except WorkerCrash as crash:
+            log.warning("%s; retrying %d bundles one job at a time", crash.cause, len(crash.suspects))
+            for b in crash.suspects:
+                for job in b.jobs:
+                    yield from _isolated(job, cfg, b.device, threads, crash.cause)
+            todo = crash.untouched
+
+
+def _pool(bundles: list[Bundle], cfg: MetricsConfig, workers: int, backend: str,
+          threads: int) -> Iterator[JobResult]:
+    """One joblib Parallel over bundles; a dead worker becomes :class:`WorkerCrash`."""
+    pre_dispatch = 2 * workers
+    parallel = Parallel(n_jobs=workers, backend=backend, return_as="generator_unordered",
+                        pre_dispatch=pre_dispatch)
+    finished: set[int] = set()
+    try:
+        for index, results in parallel(delayed(_tagged)(i, b, cfg, threads) for i, b in enumerate(bundles)):
+            finished.add(index)
+            yield from _checked(results)
+    except BrokenProcessPool as err:
+        # Bundles go out in order and at most pre_dispatch ahead of those finished: any later
+        # bundle never reached a worker and is innocent.
+        horizon = len(finished) + pre_dispatch
+        left = [i for i in range(len(bundles)) if i not in finished]
+        raise WorkerCrash(_crash_cause(err), [bundles[i] for i in left if i < horizon],
+                          [bundles[i] for i in left if i >= horizon]) from None
+
+
+def _tagged(index: int, bundle: Bundle, cfg: MetricsConfig, threads: int) -> tuple[int, list[JobResult]]:
+    return index, run_bundle(bundle.jobs, cfg, bundle.device, threads)
+
+
+def _isolated(job: Job, cfg: MetricsConfig, device: str, threads: int, cause: str) -> list[JobResult]:
+    """Run one job alone in a fresh single worker process; its death is its failure."""
+    executor = get_reusable_executor(max_workers=1)
+    try:
+        return _checked(executor.submit(run_bundle, (job,), cfg, device, threads).result())
+    except BrokenProcessPool as err:
+        return [record.failed(job, f"{_crash_cause(err)} while training this job alone "
+                              f"(retried after its bundle's worker died: {cause})",
+                              record.environment(device))]
 
 
 def _thread_cap() -> int:

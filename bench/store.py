@@ -87,13 +87,19 @@ class Store:
             if not os.access(directory, os.W_OK):
                 raise PermissionError(f"{directory} is not writable")
         except OSError as err:
-            raise UserError(f"--out {directory}: cannot create or write the output directory ({err})") from None
+            raise UserError(f"--out {directory}: cannot create or write the output directory "
+                            f"({err})") from None
         path = directory / FILENAME
         if fresh:
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{path}{suffix}").unlink(missing_ok=True)
         con = _connect(path)
         try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if tables and not {"meta", "runs"} <= tables:
+                con.close()
+                raise UserError(f"{path}: an SQLite file that is not an initbench store (tables "
+                                f"{sorted(tables)}); refusing to touch it: move it away or choose --out")
             con.executescript(_SCHEMA)
             stored = dict(con.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.DatabaseError as err:
@@ -120,7 +126,9 @@ class Store:
 
     def add(self, result: JobResult) -> None:
         """Write one job's result atomically (replacing an earlier failed attempt)."""
-        blobs = (_to_blob(result.curves), _to_blob(result.layers)) if result.status != "failed" else (None, None)
+        blobs: tuple[bytes | None, bytes | None] = (None, None)
+        if result.status != "failed":
+            blobs = (_to_blob(result.curves), _to_blob(result.layers))
         with self.con:
             self.con.execute(
                 "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

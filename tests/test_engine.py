@@ -61,13 +61,15 @@ def test_bundle_mixing_schemes_and_lrs_matches_plain_loop():
 
 def test_adam_bundle_with_per_job_betas_matches_torch_adam():
     jobs = jobs_from(make_spec('init = ["kaiming_uniform", "xavier_normal"]\nlr = [0.001, 0.003]\n'
-                               'betas = [[0.9, 0.999], [0.8, 0.99]]', 'optimizer = "adam"\nweight_decay = 0.01'))
+                               'betas = [[0.9, 0.999], [0.8, 0.99]]',
+                               'optimizer = "adam"\nweight_decay = 0.01'))
     assert_matches_plain(jobs)
 
 
 def test_classification_cross_entropy_matches_plain_loop():
     jobs = jobs_from(make_spec('init = ["kaiming_normal", "default"]\nlr = [0.05]', "",
-                               'width = 16\ndepth = 3\nactivation = "tanh"', 'name = "spirals"\nn_train = 256'))
+                               'width = 16\ndepth = 3\nactivation = "tanh"',
+                               'name = "spirals"\nn_train = 256'))
     out = assert_matches_plain(jobs)
     assert np.isfinite(out.val_acc).all() and (out.val_acc <= 1).all()
 

@@ -94,7 +94,8 @@ def test_a_job_that_raises_is_a_failed_row_and_is_retried(tmp_path):
     (tmp_path / "userdata.py").write_text(FACTORY)
     spec_path = tmp_path / "fail.toml"
     spec_path.write_text('name = "fail"\n[grid]\nseed = [0, 1, 2]\n[model]\nwidth = 8\ndepth = 2\n'
-                         '[task]\nname = "userdata:load"\nn_train = 64\n[train]\nsteps = 20\nbatch_size = 16\n')
+                         '[task]\nname = "userdata:load"\nn_train = 64\n'
+                         '[train]\nsteps = 20\nbatch_size = 16\n')
     out = tmp_path / "out"
     env = {"PYTHONPATH": f"{tmp_path}:{ROOT}"}
     proc = run_cli("bench.sweep", str(spec_path), "--out", str(out), "--no-report", env=env)
