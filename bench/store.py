@@ -55,6 +55,12 @@ def _from_blob(blob: bytes) -> pa.Table:
 def _connect(path: Path) -> sqlite3.Connection:
     try:
         con = sqlite3.connect(path, timeout=30.0)
+        # Read before any write: a foreign or corrupt file must be left byte for byte as it was.
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if tables and not {"meta", "runs"} <= tables:
+            con.close()
+            raise UserError(f"{path}: an SQLite file that is not an initbench store (tables "
+                            f"{sorted(tables)}); refusing to touch it: move it away or choose another --out")
         con.execute("PRAGMA journal_mode=WAL")
         con.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process kills
         return con
@@ -95,11 +101,6 @@ class Store:
                 Path(f"{path}{suffix}").unlink(missing_ok=True)
         con = _connect(path)
         try:
-            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if tables and not {"meta", "runs"} <= tables:
-                con.close()
-                raise UserError(f"{path}: an SQLite file that is not an initbench store (tables "
-                                f"{sorted(tables)}); refusing to touch it: move it away or choose --out")
             con.executescript(_SCHEMA)
             stored = dict(con.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.DatabaseError as err:
