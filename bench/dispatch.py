@@ -8,17 +8,19 @@ them as they arrive, so a killed sweep loses only the bundles in flight.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import re
+import threading
 import time
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from joblib import Parallel, delayed
+from joblib import Parallel, delayed, parallel_config
 from joblib.externals.loky import get_reusable_executor
 from joblib.externals.loky.process_executor import BrokenProcessPool
 
@@ -33,6 +35,8 @@ BACKENDS = ("loky", "dask", "threading")
 # Below this many estimated training FLOPs a sweep runs in this process: starting a pool
 # of workers (each importing torch) costs seconds, more than such a sweep takes.
 IN_PROCESS_FLOPS = 2e11
+# Seconds a dask cluster may have no worker at all before the sweep gives up waiting for one.
+DASK_GRACE_S = float(os.environ.get("INITBENCH_DASK_GRACE_S", "60"))
 
 
 @dataclass(frozen=True)
@@ -179,7 +183,7 @@ def _crash_cause(err: BaseException) -> str:
     # loky says e.g. "... The exit codes of the workers are {EXIT(3)}" or "{SIGKILL(-9)}".
     codes = re.search(r"exit codes of the workers are \{([^}]*)\}", str(err))
     if not codes:
-        return f"worker process died ({type(err).__name__})"
+        return f"worker process died ({type(err).__name__}: {_first_line(err)})"
     parts = []
     for code in codes.group(1).split(","):
         m = re.match(r"\s*(\w+)\((-?\d+)\)", code)
@@ -190,31 +194,117 @@ def _crash_cause(err: BaseException) -> str:
     return "; ".join(parts) or "worker process died"
 
 
-def execute(bundles: list[Bundle], cfg: MetricsConfig, *, workers: int,
-            backend: str = "loky") -> Iterator[JobResult]:
+class _Dask:
+    """A dask.distributed client for one sweep, and a watchdog for a cluster that lost every worker.
+
+    joblib's dask backend waits forever for a result whose workers are all gone (a lost task is
+    only rescheduled when some worker remains): after ``grace`` seconds without any worker the
+    watchdog cancels the sweep's tasks, which ends the wait with an error that we handle like a
+    dead loky worker.
+    """
+
+    def __init__(self, scheduler: str | None, workers: int, grace: float):
+        try:
+            from dask.distributed import Client, LocalCluster
+        except ImportError:
+            raise UserError("--backend dask needs dask.distributed: pip install 'initbench[dask]'") from None
+        self.grace = grace
+        self.cluster = None
+        # distributed logs every connection at INFO; a sweep's output is its progress bar.
+        for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.core",
+                     "distributed.worker", "distributed.http.proxy"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        try:
+            if scheduler:
+                self.client = Client(scheduler, timeout=10, set_as_default=False)
+            else:
+                self.cluster = LocalCluster(n_workers=max(workers, 1), threads_per_worker=1, processes=True,
+                                            dashboard_address=":0", silence_logs=logging.ERROR)
+                self.client = Client(self.cluster, set_as_default=False)
+        except OSError as err:
+            raise UserError(f"--scheduler {scheduler}: cannot connect ({err})") from None
+        self.lost = threading.Event()
+
+    def workers(self) -> int:
+        return len(self.client.scheduler_info(n_workers=-1)["workers"])
+
+    @contextlib.contextmanager
+    def watchdog(self) -> Iterator[None]:
+        stop = threading.Event()
+
+        def watch() -> None:
+            since = None
+            while not stop.wait(0.5):
+                try:
+                    alive = self.workers()
+                except Exception:  # noqa: BLE001 - an unreachable scheduler counts as no workers
+                    alive = 0
+                since = None if alive else (since or time.monotonic())
+                if since is not None and time.monotonic() - since > self.grace:
+                    self.lost.set()
+                    from distributed import Future
+
+                    self.client.cancel([Future(key, self.client) for key in list(self.client.futures)],
+                                       force=True)
+                    return
+
+        thread = threading.Thread(target=watch, name="initbench-dask-watchdog", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def run_alone(self, job: Job, cfg: MetricsConfig, device: str, cause: str) -> list[JobResult]:
+        """One job as its own dask task; a worker it kills, or no worker at all, is its failure."""
+        from distributed import Future  # noqa: F401 - imported for the watchdog's cancel
+
+        if self.lost.is_set():
+            return [record.failed(job, f"no dask worker left to retry it (after: {cause})",
+                                  record.environment(device))]
+        with self.watchdog():
+            future = self.client.submit(run_bundle, (job,), cfg, device, 0, pure=False, retries=0)
+            try:
+                return _checked(future.result())
+            except Exception as err:  # noqa: BLE001 - KilledWorker, CancelledError: the job's failure
+                why = "no dask worker left" if self.lost.is_set() else f"{type(err).__name__}: {err}"
+                return [record.failed(job, f"{why} while training this job alone (after: {cause})",
+                                      record.environment(device))]
+
+    def close(self) -> None:
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+def execute(bundles: list[Bundle], cfg: MetricsConfig, *, workers: int, backend: str = "loky",
+            scheduler: str | None = None) -> Iterator[JobResult]:
     """Run bundles and yield each job's result as its bundle finishes.
 
     A worker that dies takes its bundle with it: the bundles that may have been running are
-    retried one job at a time, each alone in a fresh worker process, so that the job that kills
-    its worker is identified and recorded as ``failed`` with the cause; the rest of the sweep
-    goes on in a new pool.
+    retried one job at a time, each alone in a fresh worker, so that the job that kills its
+    worker is identified and recorded as ``failed`` with the cause; the rest of the sweep goes
+    on in a new pool.
 
     Args:
         bundles: from :func:`plan`.
         cfg: metric thresholds.
-        workers: worker processes; 0 runs every bundle in this process (no pool).
+        workers: worker processes; 0 runs every bundle in this process (no pool). With dask,
+            the size of a local cluster (an existing cluster uses all its workers).
         backend: a joblib backend name (see :data:`BACKENDS`).
+        scheduler: a dask scheduler address; without one, dask starts a local cluster.
     """
     if backend not in BACKENDS:
         raise UserError(f"--backend {backend!r}: choose from {list(BACKENDS)}")
     # Split the cores between workers so that their matmul threads don't oversubscribe (idle
     # OpenMP threads spin, so two busy pools on one core slow each other down many times over).
-    # A user's OMP_NUM_THREADS caps the total.
+    # A user's OMP_NUM_THREADS caps the total. Dask workers keep their own settings.
     cores = min(os.cpu_count() or 1, _thread_cap())
-    threads = max(1, cores // max(workers, 1)) if bundles and bundles[0].device == "cpu" else 0
-    log.info("dispatch: %d bundles, %d workers (%s), %d threads each", len(bundles), workers,
-             backend if workers else "in-process", threads)
-    if workers == 0:
+    on_cpu = bool(bundles) and bundles[0].device == "cpu"
+    threads = max(1, cores // max(workers, 1)) if on_cpu and backend != "dask" else 0
+    if workers == 0 and backend != "dask":
+        log.info("dispatch: %d bundles in-process, %d threads", len(bundles), threads)
         previous = torch.get_num_threads()
         try:
             for b in bundles:
@@ -222,37 +312,72 @@ def execute(bundles: list[Bundle], cfg: MetricsConfig, *, workers: int,
         finally:
             torch.set_num_threads(previous)
         return
-    todo = list(bundles)
-    while todo:
-        try:
-            yield from _pool(todo, cfg, workers, backend, threads)
-            return
-        except WorkerCrash as crash:
-            log.warning("%s; retrying %d bundles one job at a time", crash.cause, len(crash.suspects))
-            for b in crash.suspects:
-                for job in b.jobs:
-                    yield from _isolated(job, cfg, b.device, threads, crash.cause)
-            todo = crash.untouched
-
-
-def _pool(bundles: list[Bundle], cfg: MetricsConfig, workers: int, backend: str,
-          threads: int) -> Iterator[JobResult]:
-    """One joblib Parallel over bundles; a dead worker becomes :class:`WorkerCrash`."""
-    pre_dispatch = 2 * workers
-    parallel = Parallel(n_jobs=workers, backend=backend, return_as="generator_unordered",
-                        pre_dispatch=pre_dispatch)
-    finished: set[int] = set()
+    dask = _Dask(scheduler, workers, DASK_GRACE_S) if backend == "dask" and bundles else None
     try:
-        for index, results in parallel(delayed(_tagged)(i, b, cfg, threads) for i, b in enumerate(bundles)):
-            finished.add(index)
-            yield from _checked(results)
-    except BrokenProcessPool as err:
-        # Bundles go out in order and at most pre_dispatch ahead of those finished: any later
-        # bundle never reached a worker and is innocent.
-        horizon = len(finished) + pre_dispatch
-        left = [i for i in range(len(bundles)) if i not in finished]
-        raise WorkerCrash(_crash_cause(err), [bundles[i] for i in left if i < horizon],
-                          [bundles[i] for i in left if i >= horizon]) from None
+        n = dask.workers() if dask else workers
+        log.info("dispatch: %d bundles, %d workers (%s), %d threads each", len(bundles), n, backend, threads)
+        todo = list(bundles)
+        while todo:
+            try:
+                yield from _pool(todo, cfg, n, backend, threads, dask)
+                return
+            except WorkerCrash as crash:
+                log.warning("%s; retrying %d bundles one job at a time", crash.cause, len(crash.suspects))
+                for b in crash.suspects:
+                    for job in b.jobs:
+                        if dask:
+                            yield from dask.run_alone(job, cfg, b.device, crash.cause)
+                        else:
+                            yield from _isolated(job, cfg, b.device, threads, crash.cause)
+                todo = crash.untouched
+                if dask and dask.lost.is_set():  # nothing left to run on: record, don't wait
+                    lost = [j for b in todo for j in b.jobs]
+                    env = record.environment(todo[0].device) if todo else {}
+                    yield from (record.failed(j, "no dask worker left to run it", env) for j in lost)
+                    todo = []
+    finally:
+        if dask:
+            dask.close()
+
+
+def _pool(bundles: list[Bundle], cfg: MetricsConfig, workers: int, backend: str, threads: int,
+          dask: _Dask | None) -> Iterator[JobResult]:
+    """One joblib Parallel over bundles; a dead worker becomes :class:`WorkerCrash`."""
+    pre_dispatch = 2 * max(workers, 1)
+    finished: set[int] = set()
+    config = (parallel_config(backend="dask", client=dask.client, wait_for_workers_timeout=dask.grace)
+              if dask else contextlib.nullcontext())
+    with config, (dask.watchdog() if dask else contextlib.nullcontext()):
+        parallel = Parallel(n_jobs=-1 if dask else workers, backend=None if dask else backend,
+                            return_as="generator_unordered", pre_dispatch=pre_dispatch)
+        try:
+            tasks = (delayed(_tagged)(i, b, cfg, threads) for i, b in enumerate(bundles))
+            for index, results in parallel(tasks):
+                finished.add(index)
+                yield from _checked(results)
+        except (BrokenProcessPool, *_dask_errors()) as err:
+            # Bundles go out in order and at most pre_dispatch ahead of those finished: any later
+            # bundle never reached a worker and is innocent.
+            horizon = len(finished) + pre_dispatch
+            left = [i for i in range(len(bundles)) if i not in finished]
+            cause = "every dask worker was lost" if dask and dask.lost.is_set() else _crash_cause(err)
+            raise WorkerCrash(cause, [bundles[i] for i in left if i < horizon],
+                              [bundles[i] for i in left if i >= horizon]) from None
+
+
+def _dask_errors() -> tuple[type[BaseException], ...]:
+    """What a lost or cancelled dask task raises (empty when dask is not installed)."""
+    import asyncio
+    import concurrent.futures
+
+    errors: list[type[BaseException]] = [concurrent.futures.CancelledError, asyncio.CancelledError]
+    try:
+        from distributed.scheduler import KilledWorker
+
+        errors.append(KilledWorker)
+    except ImportError:
+        pass
+    return tuple(errors)
 
 
 def _tagged(index: int, bundle: Bundle, cfg: MetricsConfig, threads: int) -> tuple[int, list[JobResult]]:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench import cli
-from bench.errors import EXIT_FAILED, EXIT_OK, UserError
+from bench.errors import EXIT_FAILED, EXIT_OK
 
 
 def _positive_int(text: str) -> int:
@@ -44,6 +44,8 @@ def _main(argv: Sequence[str] | None) -> int:
     args = parser().parse_args(argv)
     if args.scheduler and args.backend not in (None, "dask"):
         parser().error("--scheduler needs --backend dask")
+    if args.scheduler:
+        args.backend = "dask"
     from bench import dispatch, spec, store  # after parsing: --help and flag errors stay instant
 
     sweep = spec.load(args.spec)
@@ -69,14 +71,15 @@ def _main(argv: Sequence[str] | None) -> int:
     pending = [j for j in jobs if j.job_id not in done]
     first = dispatch.plan(pending, devices, max_bundle=runtime.max_bundle) if pending else []
     workers = dispatch.choose_workers(first, devices, args.jobs or runtime.jobs)
+    if backend == "dask" and not workers:
+        workers = 2  # a local dask cluster of two worker processes (an existing one uses all of its)
     bundles = dispatch.plan(pending, devices, max_bundle=runtime.max_bundle, workers=max(workers, 1))
-    if args.scheduler:
-        _connect_dask(args.scheduler)
     counts = {"ok": 0, "diverged": 0, "failed": 0}
     start = time.perf_counter()
     bar = None if args.quiet else _progress(len(jobs), len(done))
     try:
-        for result in dispatch.execute(bundles, sweep.metrics, workers=workers, backend=backend):
+        for result in dispatch.execute(bundles, sweep.metrics, workers=workers, backend=backend,
+                                       scheduler=args.scheduler):
             db.add(result)
             counts[result.status] += 1
             if bar is not None:
@@ -111,17 +114,6 @@ def _progress(total: int, done: int):
 
     return tqdm(total=total, initial=done, unit="job", file=sys.stderr, dynamic_ncols=True,
                 desc="sweep")
-
-
-def _connect_dask(address: str) -> None:
-    try:
-        from dask.distributed import Client
-    except ImportError:
-        raise UserError("--backend dask needs dask.distributed: pip install 'initbench[dask]'") from None
-    try:
-        Client(address, timeout=10)
-    except OSError as err:
-        raise UserError(f"--scheduler {address}: cannot connect ({err})") from None
 
 
 def _print_summary(out: Path, resumed: int, counts: dict[str, int]) -> None:
