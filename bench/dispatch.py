@@ -83,18 +83,35 @@ def parse_devices(text: str, cuda_count: int | None = None) -> list[str]:
     return devices
 
 
-def plan(jobs: list[Job], devices: list[str], *, max_bundle: int = 64, workers: int = 1) -> list[Bundle]:
-    """Group jobs that share a shape into bundles of at most ``max_bundle``, placed round-robin.
+def job_bytes(job: Job) -> float:
+    """Estimated training memory of one job in a bundle (float32): parameters with their gradient,
+    optimizer state and probe copy, the activations autograd keeps, and the job's data.
 
-    Groups are split evenly (not greedily) so bundles of one shape have equal sizes; when there
-    are fewer bundles than workers, the largest are halved so that every worker has work.
+    Input and output widths are approximated by the hidden width; the estimate is for sizing
+    bundles, not a promise.
+    """
+    params = job.depth * (job.width * job.width + job.width)
+    activations = 4 * job.batch_size * job.width * job.depth  # z, h and their gradients
+    data = 2 * 2048 * job.width  # a few thousand samples of train and val inputs
+    return 4.0 * (6 * params + activations + data)
+
+
+def plan(jobs: list[Job], devices: list[str], *, max_bundle: int = 64, memory_mb: float = 2048,
+         workers: int = 1) -> list[Bundle]:
+    """Group jobs that share a shape into bundles, balanced across devices by estimated cost.
+
+    A bundle holds at most ``max_bundle`` jobs and at most ``memory_mb`` of estimated training
+    memory (:func:`job_bytes`). Groups are split evenly (not greedily) so bundles of one shape
+    have equal sizes; when there are fewer bundles than workers, the largest are halved so that
+    every worker has work.
     """
     groups: dict[tuple, list[Job]] = {}
     for job in jobs:
         groups.setdefault(job.shape_key(), []).append(job)
     chunks: list[list[Job]] = []
     for group in groups.values():
-        parts = math.ceil(len(group) / max_bundle)
+        fits = max(1, int(memory_mb * 2**20 // job_bytes(group[0])))
+        parts = math.ceil(len(group) / min(max_bundle, fits))
         size = math.ceil(len(group) / parts)
         chunks.extend(group[i: i + size] for i in range(0, len(group), size))
     while chunks and len(chunks) < workers and max(len(c) for c in chunks) > 1:
