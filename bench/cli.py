@@ -27,6 +27,7 @@ class Parser(argparse.ArgumentParser):
             {opt for action in self._actions for opt in action.option_strings if opt.startswith("--")}
         )
         hint = f" (valid flags: {', '.join(flags)})" if "unrecognized" in message else ""
+        message = "\\n".join(message.splitlines())  # an argument may hold a line break
         sys.stderr.write(f"{self.prog}: error: {message}{hint}\n")
         sys.exit(EXIT_USAGE)
 
@@ -36,7 +37,9 @@ def run(body: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
     try:
         return body(argv)
     except UserError as err:
-        sys.stderr.write(f"error: {err}\n")
+        # One line, always: a message that quotes user text could otherwise hold a line break.
+        message = "\\n".join(str(err).splitlines())
+        sys.stderr.write(f"error: {message}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

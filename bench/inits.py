@@ -17,9 +17,10 @@ Conventions (see README "Init schemes"):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ _TORCH_GAINS = {"relu": "relu", "tanh": "tanh", "linear": "linear", "sigmoid": "
 LEAKY_SLOPE = 0.01  # torch.nn.LeakyReLU's default, which our leaky_relu activation uses
 
 
+@functools.cache  # a quadrature, asked for by every layer of every gelu model
 def _gelu_gain() -> float:
     # The gain that keeps the second moment: 1 / sqrt(E[gelu(z)^2]), z ~ N(0, 1), by
     # Gauss-Hermite quadrature (probabilists' weights). About 1.534, not relu's sqrt(2).
@@ -79,6 +81,7 @@ class Scheme:
     apply: Callable[[nn.Module, InitContext], None]
     params: dict[str, Any]
     named: bool = True  # named schemes zero biases under init_bias = "auto"
+    data_dependent: bool = False  # reads ctx.data: biases are set before it runs, not after
     doc: str = ""
 
 
@@ -150,9 +153,11 @@ def mean_field_(w: torch.Tensor, ctx: InitContext) -> None:
 
 
 def _default(model: nn.Module, ctx: InitContext) -> None:
-    # Each layer's own reset_parameters: whatever this PyTorch version draws.
+    # Each layer's own reset_parameters: whatever this PyTorch version draws. The root is
+    # skipped when it has children (a model's own reset_parameters may reset them again), but
+    # not when it is itself a bare layer (apply(nn.Linear(...), "default") must redraw it).
     for module in model.modules():
-        if hasattr(module, "reset_parameters") and module is not model:
+        if hasattr(module, "reset_parameters") and (module is not model or not any(model.children())):
             module.reset_parameters()
 
 
@@ -183,7 +188,7 @@ INITS: dict[str, Scheme] = {
     "zeros": Scheme(_per_layer(zeros_), {}),
     "scaled_normal": Scheme(_per_layer(scaled_normal_), {"std": 0.02}),
     "mean_field": Scheme(_per_layer(mean_field_), {"sigma_w2": 2.0, "sigma_b2": 0.0}),
-    "lsuv": Scheme(_lsuv, {"tol": 0.1, "max_iter": 10}),
+    "lsuv": Scheme(_lsuv, {"tol": 0.1, "max_iter": 10}, data_dependent=True),
 }
 
 
@@ -199,19 +204,33 @@ def check_param(name: str, key: str, value: Any, where: str) -> Any:
     """Validate one scheme parameter from a spec."""
     defaults = scheme(name).params
     if key not in defaults:
-        raise UserError(f"unknown key {where!r} for init {name!r}; choose from {sorted(defaults)}")
+        raise UserError(f"{where}: unknown key {key!r} for init {name!r}; choose from {sorted(defaults)}")
     if key == "gain" and value == "activation":
         return value
     if key == "mode":
         if value not in ("fan_in", "fan_out"):
             raise UserError(f"{where} = {value!r}: choose from ['fan_in', 'fan_out']")
         return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not _is_number(value):
         extra = " or 'activation'" if key == "gain" else ""
         raise UserError(f"{where} = {value!r}: expected a number{extra}")
-    if value < 0 or (value == 0 and key in ("std", "tol", "max_iter")):
-        raise UserError(f"{where} = {value!r}: must be > 0")
+    if key == "max_iter" and value != int(value):  # int() would silently truncate 2.5 to 2
+        raise UserError(f"{where} = {value!r}: expected an integer >= 1")
+    positive = key in ("std", "tol", "max_iter")
+    if value < 0 or (value == 0 and positive):
+        raise UserError(f"{where} = {value!r}: must be {'>' if positive else '>='} 0")
     return int(value) if key == "max_iter" else float(value)
+
+
+def _is_number(value: Any) -> bool:
+    # A finite int or float, not a bool. TOML integers are unbounded and math.isfinite(10**400)
+    # raises OverflowError rather than returning False (bench.spec.is_number is the same rule).
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def resolve_params(name: str, given: dict[str, Any]) -> dict[str, Any]:
@@ -232,16 +251,32 @@ def apply(model: nn.Module, name: str, ctx: InitContext, init_bias: str | float 
             or a constant.
     """
     entry = scheme(name)
+    # Fill in the scheme's defaults, so a caller that passes no params gets the documented
+    # scheme (xavier/orthogonal gain 1, not _gain's fallback to the activation's gain).
+    ctx = replace(ctx, params=resolve_params(name, ctx.params))
     biased = [m for m in layers(model) if isinstance(getattr(m, "bias", None), torch.Tensor)]
     drawn = [m.bias.detach().clone() for m in biased]
-    entry.apply(model, ctx)
-    with torch.no_grad():
-        for module, original in zip(biased, drawn):
+
+    @torch.no_grad()
+    def set_biases() -> None:
+        for module, original in zip(biased, drawn, strict=True):
             if init_bias == "default":
-                module.bias.copy_(original)
+                # The layer's own draw: the constructor's for named schemes; `default` has just
+                # redrawn it together with the weight, and keeps that draw (as under "auto").
+                if entry.named:
+                    module.bias.copy_(original)
             elif init_bias == "zeros" or (init_bias == "auto" and entry.named):
                 module.bias.zero_()
                 if name == "mean_field" and init_bias == "auto":
                     module.bias.normal_(0.0, math.sqrt(float(ctx.params["sigma_b2"])))
             elif not isinstance(init_bias, str):
                 module.bias.fill_(float(init_bias))
+
+    if entry.data_dependent:
+        # LSUV scales each layer to unit output variance: it must see the final biases, or
+        # zeroing them afterwards shifts every variance it has just normalized.
+        set_biases()
+        entry.apply(model, ctx)
+    else:
+        entry.apply(model, ctx)
+        set_biases()

@@ -15,11 +15,16 @@ import hashlib
 import itertools
 import json
 import math
-import tomllib
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (pyproject allows it): the same parser as a package
+    import tomli as tomllib
 
 from bench import inits, models, tasks
 from bench.errors import UserError
@@ -49,12 +54,28 @@ def _int(minimum: int) -> Callable[[str, Any], int]:
     return check
 
 
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool).
+
+    TOML integers are unbounded in Python, and ``math.isfinite(10**400)`` raises
+    OverflowError instead of returning False: such values must be rejected here.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _float(minimum: float, *, strict: bool) -> Callable[[str, Any], float]:
+    bound = f"{'>' if strict else '>='} {minimum:g}"
+
     def check(where: str, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise UserError(f"{where} = {value!r}: expected a finite number")
+        if not is_number(value):
+            raise UserError(f"{where} = {value!r}: expected a finite number {bound}")
         if value < minimum or (strict and value == minimum):
-            raise UserError(f"{where} = {value!r}: must be {'>' if strict else '>='} {minimum}")
+            raise UserError(f"{where} = {value!r}: must be {bound}")
         return float(value)
 
     return check
@@ -84,7 +105,7 @@ def _betas(where: str, value: Any) -> tuple[float, float]:
 def _init_bias(where: str, value: Any) -> str | float:
     if isinstance(value, str) and value in inits.BIAS_MODES:
         return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+    if is_number(value):
         return float(value)
     raise UserError(f"{where} = {value!r}: choose from {list(inits.BIAS_MODES)} or a number")
 
@@ -203,7 +224,8 @@ class Spec:
     @property
     def fingerprint(self) -> str:
         """Hash of what the spec means (not how it is formatted): refuses mixing two specs in one store."""
-        canon = {"name": self.name, "grid": self.grid, "fixed": self.fixed,
+        # Axes sorted by key: listing them in another order changes the job order, not the sweep.
+        canon = {"name": self.name, "grid": sorted(self.grid), "fixed": self.fixed,
                  "init_params": self.init_params, "metrics": self.metrics.__dict__}
         blob = json.dumps(canon, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -215,7 +237,7 @@ class Spec:
         names = [k for k, _ in self.grid]
         seen: dict[str, Job] = {}
         for values in itertools.product(*(v for _, v in self.grid)):
-            settings = {**fixed, **dict(zip(names, values))}
+            settings = {**fixed, **dict(zip(names, values, strict=True))}
             job = _make_job(settings, schemes)
             seen.setdefault(job.job_id, job)
         return list(seen.values())
@@ -250,11 +272,18 @@ def parse(text: str, where: str = "<spec>") -> Spec:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise UserError(f"{where}: TOML syntax error: {err}") from None
+        raise UserError(f"{where}: TOML syntax error: {_one_line(err)}") from None
+    except RecursionError:  # tomllib recurses per nesting level: "a = [[[[..." hundreds deep
+        raise UserError(f"{where}: TOML syntax error: arrays or tables nested too deeply") from None
     try:
         return _parse(raw, where, text)
     except UserError as err:
-        raise UserError(f"{where}: {err}") from None
+        raise UserError(f"{where}: {_one_line(err)}") from None
+
+
+def _one_line(err: Exception) -> str:
+    # A quoted TOML key may hold a line break ("a\nb" = 1); a message must stay one line.
+    return "\\n".join(str(err).splitlines())
 
 
 def _parse(raw: dict[str, Any], where: str, text: str) -> Spec:
@@ -361,10 +390,20 @@ def _dataclass_table(cls: type, table: dict[str, Any], name: str) -> Any:
             if not isinstance(value, str):
                 raise UserError(f"{where} = {value!r}: expected a string")
         elif isinstance(default, int) and not isinstance(default, bool):
-            value = _int(0)(where, value)
+            # max_bundle = 0 would divide by zero when planning bundles; jobs = 0 means "choose"
+            value = _int(1 if key == "max_bundle" else 0)(where, value)
         else:
             value = _float(0.0, strict=True)(where, value)
         values[key] = value
     if name == "runtime" and values.get("backend", "loky") not in ("loky", "dask", "threading"):
-        raise UserError(f"[runtime] backend = {values['backend']!r}: choose from ['dask', 'loky', 'threading']")
+        raise UserError(f"[runtime] backend = {values['backend']!r}: "
+                        "choose from ['dask', 'loky', 'threading']")
+    if name == "runtime" and "devices" in values and not _DEVICES.fullmatch(values["devices"].strip()):
+        # Only the syntax: whether cuda:N exists is checked where the sweep runs (dispatch.parse_devices);
+        # without this the error would blame a '--devices' flag the user never gave.
+        raise UserError(f"[runtime] devices = {values['devices']!r}: choose from 'auto', 'cpu', 'cuda' "
+                        "or a list like 'cuda:0,cuda:1'")
     return cls(**values)
+
+
+_DEVICES = re.compile(r"auto|cpu|cuda|cuda:\d+(\s*,\s*cuda:\d+)*")

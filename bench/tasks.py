@@ -59,7 +59,8 @@ def teacher(seed: int, *, input_dim: int, output_dim: int, n_train: int, n_val: 
     """Regression on a fixed random tanh teacher network; inputs x ~ N(0, I) drawn by the seed."""
     g_teacher = _gen(teacher_seed)
     dims = [input_dim, *([teacher_width] * (teacher_depth - 1)), output_dim]
-    weights = [torch.randn(a, b, generator=g_teacher) * (1.5 / math.sqrt(a)) for a, b in zip(dims, dims[1:])]
+    weights = [torch.randn(a, b, generator=g_teacher) * (1.5 / math.sqrt(a))
+               for a, b in zip(dims, dims[1:], strict=False)]
 
     def net(x: torch.Tensor) -> torch.Tensor:
         for i, w in enumerate(weights):
@@ -147,7 +148,7 @@ def resolve_params(name: str, given: dict[str, Any]) -> dict[str, Any]:
     """A task's full settings: defaults overlaid with the spec's; unknown ones are errors."""
     if ":" in name:
         _factory(name)  # fail at parse time, not in a worker
-        return dict(given)
+        return {key: _factory_value(key, value, value) for key, value in given.items()}
     if name not in TASKS:
         raise UserError(f"unknown task {name!r}; choose from {sorted(TASKS)} or 'pkg.module:function'")
     defaults = TASKS[name].params
@@ -155,12 +156,34 @@ def resolve_params(name: str, given: dict[str, Any]) -> dict[str, Any]:
         if key not in defaults:
             raise UserError(f"unknown key [task] {key!r} for task {name!r}; choose from {sorted(defaults)}")
         want = type(defaults[key])
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) if want is float else \
-            isinstance(value, want) and not isinstance(value, bool)
+        ok = _is_number(value) if want is float else isinstance(value, want) and not isinstance(value, bool)
         minimum = 1 if want is int and not key.endswith("seed") else 0
         if not ok or value < minimum:
-            raise UserError(f"[task] {key} = {value!r}: expected a {want.__name__} >= {minimum}")
+            kind = "an integer" if want is int else "a finite number"
+            raise UserError(f"[task] {key} = {value!r}: expected {kind} >= {minimum}")
     return {**defaults, **{k: float(v) if type(defaults[k]) is float else v for k, v in given.items()}}
+
+
+def _is_number(value: Any) -> bool:
+    # A finite int or float, not a bool: noise = nan or inf would poison every target, and
+    # math.isfinite(10**400) raises OverflowError (bench.spec.is_number is the same rule).
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _factory_value(key: str, value: Any, whole: Any) -> Any:
+    # A user factory's settings go into the job id (JSON) and the bundle key (hashed): allow
+    # strings, booleans, numbers and lists of them (as tuples), not TOML dates or tables.
+    if isinstance(value, (list, tuple)):
+        return tuple(_factory_value(key, v, whole) for v in value)
+    if isinstance(value, (str, bool)) or _is_number(value):
+        return value
+    raise UserError(f"[task] {key} = {whole!r}: a task factory's settings must be strings, booleans, "
+                    "finite numbers or lists of them")
 
 
 @functools.lru_cache(maxsize=64)
