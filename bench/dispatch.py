@@ -78,7 +78,9 @@ def parse_devices(text: str, cuda_count: int | None = None) -> list[str]:
             raise UserError(f"--devices {text!r}: {part!r} is not a device; choose from "
                             "'auto', 'cpu', 'cuda' or a list like 'cuda:0,cuda:1'")
         if int(index) >= count:
-            raise UserError(f"--devices {text!r}: {part} does not exist ({count} CUDA devices visible)")
+            visible = ["auto", "cpu", *(f"cuda:{i}" for i in range(count))]
+            raise UserError(f"--devices {text!r}: {part} does not exist ({count} CUDA devices visible); "
+                            f"choose from {visible}")
         devices.append(f"cuda:{int(index)}")
     return devices
 

@@ -158,6 +158,7 @@ class RuntimeConfig:
     jobs: int = 0  # 0: choose from the devices and the number of bundles
     backend: str = "loky"
     max_bundle: int = 64  # at most this many jobs trained as one stacked model
+    memory_mb: float = 2048.0  # and at most this much estimated training memory per bundle
 
 
 @dataclass(frozen=True)

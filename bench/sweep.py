@@ -56,7 +56,8 @@ def _main(argv: Sequence[str] | None) -> int:
     out = Path(args.out) if args.out else Path("reports") / _safe_name(sweep.name)
 
     if args.dry_run:
-        bundles = dispatch.plan(jobs, devices, max_bundle=runtime.max_bundle, workers=args.jobs or 1)
+        bundles = dispatch.plan(jobs, devices, max_bundle=runtime.max_bundle, memory_mb=runtime.memory_mb,
+                                 workers=args.jobs or 1)
         workers = dispatch.choose_workers(bundles, devices, args.jobs or runtime.jobs)
         print(f"{sweep.name}: {len(jobs)} jobs in {len(bundles)} bundles on {','.join(devices)}, "
               f"{workers or 'no'} worker processes; results -> {out}")
@@ -69,11 +70,13 @@ def _main(argv: Sequence[str] | None) -> int:
     db = store.Store.open(out, fingerprint=sweep.fingerprint, meta=meta, fresh=args.fresh)
     done = db.finished()
     pending = [j for j in jobs if j.job_id not in done]
-    first = dispatch.plan(pending, devices, max_bundle=runtime.max_bundle) if pending else []
+    first = dispatch.plan(pending, devices, max_bundle=runtime.max_bundle,
+                          memory_mb=runtime.memory_mb) if pending else []
     workers = dispatch.choose_workers(first, devices, args.jobs or runtime.jobs)
     if backend == "dask" and not workers:
         workers = 2  # a local dask cluster of two worker processes (an existing one uses all of its)
-    bundles = dispatch.plan(pending, devices, max_bundle=runtime.max_bundle, workers=max(workers, 1))
+    bundles = dispatch.plan(pending, devices, max_bundle=runtime.max_bundle, memory_mb=runtime.memory_mb,
+                            workers=max(workers, 1))
     counts = {"ok": 0, "diverged": 0, "failed": 0}
     start = time.perf_counter()
     bar = None if args.quiet else _progress(len(jobs), len(done))
