@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.errors import UserError
+from bench.errors import UserError, is_number
 
 BIAS_MODES = ("auto", "zeros", "default")
 
@@ -211,7 +211,7 @@ def check_param(name: str, key: str, value: Any, where: str) -> Any:
         if value not in ("fan_in", "fan_out"):
             raise UserError(f"{where} = {value!r}: choose from ['fan_in', 'fan_out']")
         return value
-    if not _is_number(value):
+    if not is_number(value):
         extra = " or 'activation'" if key == "gain" else ""
         raise UserError(f"{where} = {value!r}: expected a number{extra}")
     if key == "max_iter" and value != int(value):  # int() would silently truncate 2.5 to 2
@@ -220,17 +220,6 @@ def check_param(name: str, key: str, value: Any, where: str) -> Any:
     if value < 0 or (value == 0 and positive):
         raise UserError(f"{where} = {value!r}: must be {'>' if positive else '>='} 0")
     return int(value) if key == "max_iter" else float(value)
-
-
-def _is_number(value: Any) -> bool:
-    # A finite int or float, not a bool. TOML integers are unbounded and math.isfinite(10**400)
-    # raises OverflowError rather than returning False (bench.spec.is_number is the same rule).
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
 
 
 def resolve_params(name: str, given: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -27,7 +26,7 @@ except ModuleNotFoundError:  # Python 3.10 (pyproject allows it): the same parse
     import tomli as tomllib
 
 from bench import inits, models, tasks
-from bench.errors import UserError
+from bench.errors import UserError, is_number
 
 FORMAT_VERSION = 1
 OPTIMIZERS = ("sgd", "adam")
@@ -52,20 +51,6 @@ def _int(minimum: int) -> Callable[[str, Any], int]:
         return value
 
     return check
-
-
-def is_number(value: Any) -> bool:
-    """A finite int or float (not a bool).
-
-    TOML integers are unbounded in Python, and ``math.isfinite(10**400)`` raises
-    OverflowError instead of returning False: such values must be rejected here.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
 
 
 def _float(minimum: float, *, strict: bool) -> Callable[[str, Any], float]:

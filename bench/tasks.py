@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from bench.errors import UserError
+from bench.errors import UserError, is_number
 
 
 class TaskError(Exception):
@@ -156,7 +156,7 @@ def resolve_params(name: str, given: dict[str, Any]) -> dict[str, Any]:
         if key not in defaults:
             raise UserError(f"unknown key [task] {key!r} for task {name!r}; choose from {sorted(defaults)}")
         want = type(defaults[key])
-        ok = _is_number(value) if want is float else isinstance(value, want) and not isinstance(value, bool)
+        ok = is_number(value) if want is float else isinstance(value, want) and not isinstance(value, bool)
         minimum = 1 if want is int and not key.endswith("seed") else 0
         if not ok or value < minimum:
             kind = "an integer" if want is int else "a finite number"
@@ -164,23 +164,12 @@ def resolve_params(name: str, given: dict[str, Any]) -> dict[str, Any]:
     return {**defaults, **{k: float(v) if type(defaults[k]) is float else v for k, v in given.items()}}
 
 
-def _is_number(value: Any) -> bool:
-    # A finite int or float, not a bool: noise = nan or inf would poison every target, and
-    # math.isfinite(10**400) raises OverflowError (bench.spec.is_number is the same rule).
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
-
-
 def _factory_value(key: str, value: Any, whole: Any) -> Any:
     # A user factory's settings go into the job id (JSON) and the bundle key (hashed): allow
     # strings, booleans, numbers and lists of them (as tuples), not TOML dates or tables.
     if isinstance(value, (list, tuple)):
         return tuple(_factory_value(key, v, whole) for v in value)
-    if isinstance(value, (str, bool)) or _is_number(value):
+    if isinstance(value, (str, bool)) or is_number(value):
         return value
     raise UserError(f"[task] {key} = {whole!r}: a task factory's settings must be strings, booleans, "
                     "finite numbers or lists of them")
