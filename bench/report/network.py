@@ -1,0 +1,137 @@
+"""Figures from the per-layer probes: signal propagation at init, and parameter trajectories."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from matplotlib.ticker import MaxNLocator
+
+from bench.report.figures import (
+    LINESTYLES,
+    Figure,
+    legend,
+    log_ticks,
+    plt,
+    positive_floor,
+    style,
+    text,
+    to_uri,
+)
+from bench.report.grid import Grid, fmt, match, quartiles
+from bench.report.training import curve_cells
+
+
+def _deepest(grid: Grid, runs: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """Runs of the deepest network at the reference extras (signal propagation is clearest there)."""
+    mask, note = grid.reference_mask()
+    runs = runs[mask.loc[runs.index]]
+    if "depth" in runs and runs["depth"].nunique() > 1:
+        deepest = runs["depth"].max()
+        runs = runs[runs["depth"] == deepest]
+        note = f" Deepest network in the grid (depth={fmt(deepest)})." + note
+    return runs, note
+
+
+def _log_axis(ax, values: np.ndarray, floor: float) -> None:
+    ax.set_yscale("log")
+    if (np.asarray(values) <= floor).any():
+        ax.axhline(floor, color="#888", lw=0.8, ls=":")
+        ax.annotate("exactly 0", (1.0, floor), xycoords=("axes fraction", "data"), ha="right", va="bottom",
+                    fontsize=7, color="#555")
+
+
+def propagation_figure(grid: Grid, layers: pd.DataFrame) -> Figure:
+    title = "Signal propagation at initialization"
+    runs = grid.runs[grid.runs["status"] != "failed"]
+    if runs.empty or layers.empty:
+        return Figure(title, empty="no data: no job recorded per-layer statistics")
+    runs, note = _deepest(grid, runs)
+    step0 = layers[(layers["step"] == layers["step"].min()) & layers["job_id"].isin(runs["job_id"])]
+    panels = (("act", "std", "activation std (hidden layers)", "std of post-activation output"),
+              ("weight", "grad_norm", "weight-gradient norm", "gradient norm of weight"))
+    data = step0[step0["param"].isin(["act", "weight"])].merge(runs[["job_id", "scheme"]], on="job_id")
+    if data.empty:
+        return Figure(title, empty="no data: no step-0 layer statistics for the selected runs")
+    with style():
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+        for ax, (param, stat, name, ylabel) in zip(axes, panels, strict=True):
+            d = data[data["param"] == param]
+            agg = quartiles(d, ["scheme", "layer"], stat)
+            floor = positive_floor(agg[["median", "low", "high"]].to_numpy())
+            for col in ("median", "low", "high"):
+                agg[col] = agg[col].clip(lower=floor)
+            for i, scheme in enumerate(grid.schemes):
+                a = agg[agg["scheme"] == scheme]
+                if a.empty:
+                    continue
+                color = grid.colors[scheme]
+                ax.plot(a["layer"], a["median"], marker="o", ms=4, lw=2, color=color,
+                        ls=LINESTYLES[i % len(LINESTYLES)], label=text(scheme))
+                ax.fill_between(a["layer"], a["low"], a["high"], color=color, alpha=0.15, lw=0)
+            _log_axis(ax, agg["median"].to_numpy(), floor)
+            ax.set(title=name, xlabel="layer index (0 = first)", ylabel=f"{ylabel} (log scale)")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlim(-0.4, max(int(agg["layer"].max()) if len(agg) else 0, 1) + 0.4)
+            log_ticks(ax.yaxis)
+        legend(fig, grid, [s for s in grid.schemes if s in set(data["scheme"])], marker="o")
+        fig.suptitle(title, fontweight="bold")
+    caption = ("Step 0, before any update: left, the standard deviation of each hidden layer's output "
+               "(after the activation); right, the norm of each linear layer's weight gradient on the first "
+               "batch. A well-scaled init keeps both flat across layers; a downward slope is vanishing "
+               "signal, upward exploding. Lines are medians over all runs of the cell (learning rate does "
+               "not matter at step 0; seeds do), bands their interquartile range. Values that are exactly "
+               "zero sit on the dotted floor."
+               + note)
+    return Figure(title, caption, to_uri(fig))
+
+
+def trajectory_figure(grid: Grid, layers: pd.DataFrame) -> Figure:
+    title = "Parameter trajectories during training"
+    runs = grid.runs[grid.runs["status"] != "failed"]
+    if runs.empty or layers.empty:
+        return Figure(title, empty="no data: no job recorded per-layer statistics")
+    runs, note = _deepest(grid, runs)
+    cells, _ = curve_cells(grid)
+    cell = {k: v for k, v in cells[-1].items() if k != "depth" and k in runs}
+    runs = runs[match(runs, cell)]
+    if cell:
+        note += f" Cell: {Grid.describe(cell)} (the learning curves' best value)."
+    data = layers[layers["job_id"].isin(runs["job_id"]) & layers["param"].isin(["weight", "bias"])]
+    data = data.merge(runs[["job_id", "scheme"]], on="job_id")
+    if data.empty:
+        return Figure(title, empty="no data: no layer statistics for the selected cell")
+    n_layers = int(data["layer"].max()) + 1
+    picks = list(dict.fromkeys([0, n_layers // 2, n_layers - 1]))
+    names = {0: "first layer", n_layers // 2: "middle layer", n_layers - 1: "last layer"}
+    data = data[data["layer"].isin(picks)]
+    agg = data.groupby(["param", "layer", "scheme", "step"])[["mean", "std", "norm"]].median().reset_index()
+    with style():
+        fig, axes = plt.subplots(2, 3, figsize=(13, 6.6), layout="constrained")
+        for r, param in enumerate(("weight", "bias")):
+            for c, stat in enumerate(("mean", "std", "norm")):
+                ax = axes[r, c]
+                sub = agg[agg["param"] == param]
+                floor = positive_floor(sub[stat].to_numpy()) if stat != "mean" else None
+                for scheme in grid.schemes:
+                    for k, layer in enumerate(picks):
+                        a = sub[(sub["scheme"] == scheme) & (sub["layer"] == layer)]
+                        if a.empty:
+                            continue
+                        y = a[stat] if floor is None else a[stat].clip(lower=floor)
+                        ax.plot(a["step"], y, color=grid.colors[scheme], lw=1.8, ls=LINESTYLES[k])
+                if floor is not None:
+                    _log_axis(ax, sub[stat].to_numpy(), floor)
+                    log_ticks(ax.yaxis)
+                scale = " (log scale)" if floor is not None else ""
+                ax.set(title=f"{param} {stat}", xlabel="training step", ylabel=f"{param} {stat}{scale}")
+        handles = [plt.Line2D([], [], color=grid.colors[s], lw=2.5, label=text(s)) for s in grid.schemes
+                   if s in set(agg["scheme"])]
+        handles += [plt.Line2D([], [], color="#333", lw=1.8, ls=LINESTYLES[k], label=names[layer])
+                    for k, layer in enumerate(picks)]
+        fig.legend(handles=handles, loc="outside right center", title="scheme / layer", fontsize=8)
+        fig.suptitle(title, fontweight="bold")
+    caption = ("Mean, standard deviation and norm of the weights (top) and biases (bottom) of the first, "
+               "middle and last linear layer at each logged step, median over seeds; colour is the scheme, "
+               "line style the layer. Growing norms point to exploding weights; a std stuck at zero to "
+               "symmetry that never breaks (as with zeros init)." + note)
+    return Figure(title, caption, to_uri(fig))
