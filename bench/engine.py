@@ -23,11 +23,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from bench import inits, models, tasks
+from bench.schema import KINDS, STATS
 from bench.spec import Job
 
 ADAM_EPS = 1e-8  # torch.optim.Adam's default
-KINDS = ("weight", "bias", "act", "preact")  # what each layer's probe describes
-STATS = ("mean", "std", "absmax", "norm", "grad_norm", "update_ratio", "dead_frac")
 
 
 @dataclass

@@ -32,6 +32,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from bench.schema import KINDS, STATS
 from bench.spec import MetricsConfig
 
 METRICS = ("steps_to_target", "final_loss", "best_loss", "loss_auc", "final_val_loss", "final_val_acc",
@@ -101,8 +102,6 @@ def job_metrics(log_steps: np.ndarray, train_loss: np.ndarray, val_loss: np.ndar
 
     Curves passed here are already truncated at divergence.
     """
-    from bench.engine import KINDS, STATS  # the layer-stats axes
-
     w, a = KINDS.index("weight"), KINDS.index("act")
     std, norm, grad = STATS.index("std"), STATS.index("norm"), STATS.index("grad_norm")
     dead = STATS.index("dead_frac")

@@ -17,12 +17,9 @@ import pandas as pd
 import torch
 
 from bench import metrics
-from bench.engine import KINDS, STATS, BundleOutput
+from bench.engine import BundleOutput
+from bench.schema import CURVE_COLUMNS, KINDS, LAYER_COLUMNS, STATS, STATUSES
 from bench.spec import Job, MetricsConfig
-
-STATUSES = ("ok", "diverged", "failed")
-CURVE_COLUMNS = ("step", "train_loss", "val_loss", "val_acc", "grad_norm")
-LAYER_COLUMNS = ("step", "layer", "param", *STATS, "q", "q_pred")
 
 
 def environment(device: str = "cpu") -> dict[str, str]:

@@ -17,13 +17,16 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pyarrow as pa
 
 from bench.errors import UserError
-from bench.record import CURVE_COLUMNS, LAYER_COLUMNS, JobResult
+from bench.schema import CURVE_COLUMNS, LAYER_COLUMNS
+
+if TYPE_CHECKING:
+    from bench.record import JobResult
 
 FORMAT_VERSION = 1
 FILENAME = "store.sqlite"
@@ -215,5 +218,6 @@ def load(directory: str | Path) -> Results:
 def _concat(tables: list[pa.Table], columns: tuple[str, ...]) -> pd.DataFrame:
     if not tables:
         return pd.DataFrame(columns=["job_id", *columns])
-    df = pa.concat_tables(tables).to_pandas()
-    return df[["job_id", *columns]]
+    # promote_options: stores written before a column existed load it as NaN.
+    df = pa.concat_tables(tables, promote_options="default").to_pandas()
+    return df.reindex(columns=["job_id", *columns])
