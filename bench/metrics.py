@@ -203,3 +203,36 @@ def summarize(results, by: list[str] | None = None, metrics: tuple[str, ...] = S
             row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = low, high
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def seeds_needed(runs: pd.DataFrame, cell_cols: list[str], metric: str = "steps_to_target",
+                 widths: tuple[float, ...] = (0.1, 0.25), level: float = 0.95) -> pd.DataFrame:
+    """How many seeds a cell needs for a CI of the mean of ``metric`` no wider than a share of it.
+
+    Uses the pooled within-cell standard deviation over seeds (cells = ``cell_cols``, one row
+    per seed) per ``init``: the full normal-approximation CI width is 2 z sd / sqrt(n), so
+    n = (2 z sd / (w |mean|))^2 for a CI of width ``w`` x the mean.
+
+    Returns:
+        One row per init: ``cells`` used, ``mean``, ``seed_sd``, and ``seeds_for_<w>`` per width.
+    """
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    rows = []
+    finite = runs[np.isfinite(runs[metric].astype(float))]
+    for init, g in finite.groupby("init", sort=True):
+        groups = [c[metric].to_numpy(float) for _, c in g.groupby(cell_cols, dropna=False)] if cell_cols \
+            else [g[metric].to_numpy(float)]
+        groups = [v for v in groups if len(v) >= 2]
+        if not groups:
+            continue
+        dof = sum(len(v) - 1 for v in groups)
+        sd = float(np.sqrt(sum(((v - v.mean()) ** 2).sum() for v in groups) / dof))
+        mean = float(np.mean(np.concatenate(groups)))
+        row = {"init": init, "cells": len(groups), "mean": mean, "seed_sd": sd}
+        for w in widths:
+            need = (2 * z * sd / (w * abs(mean))) ** 2 if mean else np.nan
+            row[f"seeds_for_{w:g}"] = max(2, int(np.ceil(need))) if np.isfinite(need) else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows)

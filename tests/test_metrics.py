@@ -115,3 +115,16 @@ def test_summarize_groups_and_success_rate():
     assert out.loc["a", "success_rate"] == 1.0 and out.loc["b", "success_rate"] == 0.25
     assert out.loc["a", "steps_to_target_median"] == 25 and out.loc["b", "n_ok"] == 3
     assert out.loc["a", "steps_to_target_ci_low"] <= 25 <= out.loc["a", "steps_to_target_ci_high"]
+
+
+def test_seeds_needed_recovers_a_planted_noise_level():
+    rng = np.random.default_rng(0)
+    # 20 cells per init, 10 seeds each; cell means differ, seed noise sd = 10 around a mean ~ 100.
+    rows = [{"init": init, "cell": c, "steps_to_target": 100 + 5 * c + rng.normal(0, sd)}
+            for init, sd in (("calm", 10.0), ("noisy", 40.0)) for c in range(20) for _ in range(10)]
+    out = metrics.seeds_needed(pd.DataFrame(rows), ["cell"]).set_index("init")
+    assert out.loc["calm", "seed_sd"] == pytest.approx(10, rel=0.1)
+    assert out.loc["noisy", "seed_sd"] == pytest.approx(40, rel=0.1)
+    # (2 x 1.96 x 10 / (0.1 x 147.5))^2 ~= 7 seeds for a CI 10% of the mean wide; 16x that when 4x noisier.
+    assert 5 <= out.loc["calm", "seeds_for_0.1"] <= 10
+    assert out.loc["noisy", "seeds_for_0.1"] == pytest.approx(16 * out.loc["calm", "seeds_for_0.1"], rel=0.3)

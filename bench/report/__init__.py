@@ -51,12 +51,14 @@ def render(results, directory: Path) -> str:
     if grid.runs.empty:
         context["empty"] = "no data: the store holds no jobs yet"
         context["failures"] = ""
+        context["seeds"] = ""
         summary = grid.runs
     else:
         context["empty"] = ""
         context["failures"] = tables.failures(grid.runs)
         context["leaderboard"], context["leaderboard_note"] = timed("leaderboard", tables.leaderboard, grid)
         context["profile"] = timed("profile", figures.profile_figure, grid)
+        context["seeds"] = timed("seeds", tables.seeds_needed, grid)
         context["heatmaps"] = [timed(f"heatmap {m}", figures.heatmap_figure, grid, m)
                                for m in ("steps", "final_loss")]
         context["depth"] = timed("depth", training.depth_figure, grid)

@@ -52,9 +52,11 @@ def propagation_figure(grid: Grid, layers: pd.DataFrame) -> Figure:
     data = step0[step0["param"].isin(["act", "weight"])].merge(runs[["job_id", "scheme"]], on="job_id")
     if data.empty:
         return Figure(title, empty="no data: no step-0 layer statistics for the selected runs")
+    theory = step0[step0["param"] == "preact"].merge(runs[["job_id", "scheme"]], on="job_id")
     with style():
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
-        for ax, (param, stat, name, ylabel) in zip(axes, panels, strict=True):
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4), layout="constrained")
+        _theory_panel(axes[2], grid, theory)
+        for ax, (param, stat, name, ylabel) in zip(axes[:2], panels, strict=True):
             d = data[data["param"] == param]
             agg = quartiles(d, ["scheme", "layer"], stat)
             floor = positive_floor(agg[["median", "low", "high"]].to_numpy())
@@ -80,9 +82,41 @@ def propagation_figure(grid: Grid, layers: pd.DataFrame) -> Figure:
                "batch. A well-scaled init keeps both flat across layers; a downward slope is vanishing "
                "signal, upward exploding. Lines are medians over all runs of the cell (learning rate does "
                "not matter at step 0; seeds do), bands their interquartile range. Values that are exactly "
-               "zero sit on the dotted floor."
+               "zero sit on the dotted floor. Third panel: each layer's preactivation second moment q "
+               "(points, median over runs) beside mean-field theory's prediction for the scheme, the "
+               "activation and the measured input (lines; bench.theory): agreement means the init does "
+               "what its formula promises. Theory describes the average network; a single finite-width "
+               "net drifts from it by a few tens of percent over many layers."
                + note)
     return Figure(title, caption, to_uri(fig))
+
+
+def _theory_panel(ax, grid: Grid, preact: pd.DataFrame) -> None:
+    """Measured preactivation second moment (points) against mean-field theory (lines), per scheme."""
+    ax.set(title="signal vs mean-field theory", xlabel="layer index (0 = first)",
+           ylabel="preactivation second moment q (log scale)")
+    if preact.empty or "q_pred" not in preact or preact["q_pred"].isna().all():
+        ax.text(0.5, 0.5, "no theory prediction stored\n(store written before it existed)",
+                transform=ax.transAxes, ha="center", va="center", fontsize=9, color="#555")
+        return
+    agg = preact.groupby(["scheme", "layer"])[["q", "q_pred"]].median().reset_index()
+    floor = positive_floor(agg[["q", "q_pred"]].to_numpy())
+    for i, scheme in enumerate(grid.schemes):
+        a = agg[agg["scheme"] == scheme]
+        if a.empty:
+            continue
+        color = grid.colors[scheme]
+        ax.plot(a["layer"], a["q_pred"].clip(lower=floor), lw=1.5, color=color,
+                ls=LINESTYLES[i % len(LINESTYLES)], label=f"{text(scheme)} (theory)")
+        ax.plot(a["layer"], a["q"].clip(lower=floor), ls="none", marker="o", ms=4, color=color)
+    _log_axis(ax, agg["q"].to_numpy(), floor)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.plot([], [], ls="none", marker="o", color="#444", label="measured")
+    ax.plot([], [], ls="-", color="#444", label="theory")
+    handles, labels = ax.get_legend_handles_labels()
+    keep = [(h, lab) for h, lab in zip(handles, labels) if lab in ("measured", "theory")]
+    ax.legend(*zip(*keep), loc="best", fontsize=8, frameon=False)
+    log_ticks(ax.yaxis)
 
 
 def trajectory_figure(grid: Grid, layers: pd.DataFrame) -> Figure:

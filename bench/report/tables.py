@@ -121,6 +121,23 @@ def _wins(grid: Grid, runs: pd.DataFrame) -> dict[str, float]:
     return frac.iloc[0].to_dict()
 
 
+def seeds_needed(grid: Grid) -> str:
+    """Seeds per cell for a CI of the mean steps to target 10% / 25% wide (see bench.metrics.seeds_needed)."""
+    from bench.metrics import seeds_needed as needed
+
+    runs = grid.runs[grid.runs["status"] == "ok"]
+    cells = [c for c in grid.cell_cols if c in runs]
+    table = needed(runs, cells)
+    if table.empty:
+        return ""
+    table = table.rename(columns={"init": "scheme", "cells": "cells measured", "mean": "mean steps",
+                                  "seed_sd": "sd over seeds", "seeds_for_0.1": "seeds for CI 10% wide",
+                                  "seeds_for_0.25": "seeds for CI 25% wide"})
+    for col in ("mean steps", "sd over seeds"):
+        table[col] = table[col].map(lambda v: f"{v:.0f}")
+    return html(table)
+
+
 # --- pathologies ------------------------------------------------------------------
 def _measures(runs: pd.DataFrame) -> pd.DataFrame:
     """The value behind each flag, per run."""
