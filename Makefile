@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # into $(VENV) themselves (README, "GPU"), or TORCH='torch==2.13.0 --index-url <cuda index>'.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install sweep quick test lint bench clean
+.PHONY: install sweep quick test lint bench regress clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,9 @@ quick: install
 
 test: install
 	$(BIN)/python -m pytest
+
+regress: install
+	$(BIN)/python -m bench.regress run sweeps/quick.toml --against baselines/quick.json
 
 lint: install
 	$(BIN)/ruff check bench tests benchmarks

@@ -399,13 +399,13 @@ def _sweep_argv(args: argparse.Namespace, spec_path: str, out: Path, fresh: bool
 def _run(args: argparse.Namespace, baseline: Baseline) -> int:
     from bench import spec, sweep
 
-    out = args.out or Path("reports") / sweep._safe_name(spec.load(args.spec).name)
+    out = args.out or sweep.default_out(spec.load(args.spec).name)
     code = sweep.main(_sweep_argv(args, args.spec, out, fresh=not args.resume))
     if code not in (EXIT_OK, EXIT_FAILED):
         return code  # bad input (2) or interrupted (130): nothing to check
     verdict = run_check(out, baseline, args.fail, args.alpha, args.allow_missing)
     if not args.no_report:
-        sweep._write_report(out, args.quiet)  # after regression.json exists, so the report shows it
+        sweep.write_report(out, args.quiet)  # after regression.json exists, so the report shows it
     return max(code, verdict)
 
 
@@ -415,14 +415,14 @@ def _sweep_more_seeds(args: argparse.Namespace) -> tuple[int, Path]:
 
     original = spec.load(args.spec)
     text, seeds = widen_seeds(original.text, args.spec, args.seeds)
-    out = args.out or Path("reports") / f"{sweep._safe_name(original.name)}-baseline"
+    out = args.out or sweep.default_out(f"{original.name}-baseline")
     write_atomic(out / "spec.toml", text)
     print(f"regress: sweeping {args.spec} with seeds {seeds} into {out}")
     code = sweep.main(_sweep_argv(args, str(out / "spec.toml"), out, fresh=args.fresh))
     if code == EXIT_FAILED:
         print(f"regress: some jobs crashed; not saving a baseline (see {out})", file=sys.stderr)
     elif code == EXIT_OK and not args.no_report:
-        sweep._write_report(out, args.quiet)
+        sweep.write_report(out, args.quiet)
     return code, out
 
 

@@ -53,7 +53,7 @@ def _main(argv: Sequence[str] | None) -> int:
     runtime = sweep.runtime
     devices = dispatch.parse_devices(args.devices or runtime.devices)
     backend = args.backend or runtime.backend
-    out = Path(args.out) if args.out else Path("reports") / _safe_name(sweep.name)
+    out = Path(args.out) if args.out else default_out(sweep.name)
 
     if args.dry_run:
         bundles = dispatch.plan(jobs, devices, max_bundle=runtime.max_bundle, memory_mb=runtime.memory_mb,
@@ -104,8 +104,13 @@ def _main(argv: Sequence[str] | None) -> int:
     if not args.quiet:
         _print_summary(out, len(done), counts)
     if not args.no_report:
-        _write_report(out, args.quiet)
+        write_report(out, args.quiet)
     return EXIT_FAILED if counts["failed"] else EXIT_OK
+
+
+def default_out(name: str) -> Path:
+    """Where a sweep named ``name`` writes by default: ``reports/<name>/`` (name made path-safe)."""
+    return Path("reports") / _safe_name(name)
 
 
 def _safe_name(name: str) -> str:
@@ -142,7 +147,8 @@ def _print_summary(out: Path, resumed: int, counts: dict[str, int]) -> None:
         print(f"failed {row['job_id']}: {row['error']}", file=sys.stderr)
 
 
-def _write_report(out: Path, quiet: bool) -> None:
+def write_report(out: Path, quiet: bool = False) -> None:
+    """Build ``out/report.html`` if the report package is importable; print its path unless quiet."""
     try:
         from bench.report import build
     except ImportError:

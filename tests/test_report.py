@@ -283,3 +283,33 @@ def test_median_ci_counts_never_as_infinitely_slow():
     med, low, high = median_ci(np.array([10.0, 10.0, 10.0]))
     assert (med, low, high) == (10.0, 10.0, 10.0)
     assert np.isnan(median_ci(np.array([np.nan]))[0])
+
+
+def test_a_regression_check_gets_its_own_section(tmp_path):
+    """bench.regress writes regression.json; the report shows its verdict and every flagged cell."""
+    import json
+
+    from tests.conftest import TINY_SPEC, run_cli
+
+    spec_path = tmp_path / "tiny.toml"
+    spec_path.write_text(TINY_SPEC)
+    out = tmp_path / "out"
+    assert run_cli("bench.sweep", str(spec_path), "--out", str(out), "--no-report", "--quiet").returncode == 0
+    (out / "regression.json").write_text(json.dumps({
+        "format": "initbench-regression", "version": 1, "baseline": "baselines/x.json", "passed": False,
+        "summary": {"text": "regress: 1 regressions <b>bold</b>"},
+        "rows": [{"verdict": "regression", "cell": "init=default depth=2", "metric": "final_loss",
+                  "baseline": 0.1, "current": 0.3, "change_text": "+200%", "tolerance": "10%", "q": 0.001,
+                  "message": "final_loss +200% exceeds 10%"},
+                 {"verdict": "unchanged", "cell": "init=zeros depth=2", "metric": "final_loss",
+                  "baseline": 1.0, "current": 1.0, "change_text": "0%", "tolerance": "10%", "q": 1.0,
+                  "message": ""}],
+        "missing": ["init=orthogonal depth=9"], "new": [], "crashed": {}}))
+    proc = run_cli("bench.report", str(out))
+    assert proc.returncode == 0, proc.stderr
+    page = (out / "report.html").read_text()
+    assert 'id="regression"' in page and "FAIL" in page and 'href="#regression"' in page
+    section = page[page.index('id="regression"'):page.index('id="leaderboard"')]
+    assert "final_loss +200% exceeds 10%" in section and "init=zeros" not in section
+    assert "init=orthogonal depth=9" in section
+    assert "<b>bold</b>" not in page and "&lt;b&gt;bold&lt;/b&gt;" in page

@@ -46,8 +46,10 @@ def render(results, directory: Path) -> str:
         return out
 
     grid = timed("prepare", prepare, results.runs, results.meta)
-    context = {"sections": SECTIONS, "header": tables.header(grid, results.meta),
-               "colors": grid.colors}
+    regression = tables.regression(directory)
+    sections = SECTIONS[:1] + ((("regression", "Regression"),) if regression else ()) + SECTIONS[1:]
+    context = {"sections": sections, "header": tables.header(grid, results.meta),
+               "colors": grid.colors, "regression": regression}
     if grid.runs.empty:
         context["empty"] = "no data: the store holds no jobs yet"
         context["failures"] = ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,38 @@ def seeds_needed(grid: Grid) -> str:
     for col in ("mean steps", "sd over seeds"):
         table[col] = table[col].map(lambda v: f"{v:.0f}")
     return html(table)
+
+
+# --- regression -----------------------------------------------------------------------
+def regression(directory: Path) -> dict[str, Any] | None:
+    """The regression check's verdict (``DIR/regression.json`` from bench.regress), or None if absent.
+
+    Returns a dict with ``passed``, ``summary`` (one line), ``table`` (regressions and improvements)
+    and ``lists`` (missing, new and crashed cells), ready for the template.
+    """
+    path = Path(directory) / "regression.json"
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        rows = pd.DataFrame(doc.get("rows", []))
+    except (OSError, ValueError) as err:
+        return {"passed": False, "summary": f"regression.json is unreadable ({err})", "baseline": "",
+                "table": "", "lists": []}
+    shown = rows[rows["verdict"].isin(["regression", "improvement"])] if "verdict" in rows else rows.iloc[:0]
+    shown = shown.sort_values(["verdict", "cell", "metric"], ascending=[False, True, True])
+    cols = [c for c in ("verdict", "cell", "metric", "baseline", "current", "change_text", "tolerance", "q",
+                        "message") if c in shown]
+    table = html(shown[cols].rename(columns={"change_text": "change"})) if len(shown) else ""
+    lists = [(name, [str(x) for x in doc.get(key) or []]) for key, name in
+             (("missing", "cells in the baseline but not in this sweep"),
+              ("new", "cells in this sweep but not in the baseline"))]
+    crashed = doc.get("crashed") or {}
+    if crashed:
+        items = crashed.items() if isinstance(crashed, dict) else enumerate(crashed)
+        lists.append(("cells with crashed jobs", [f"{k}: {v}" for k, v in items]))
+    return {"passed": bool(doc.get("passed")), "summary": str((doc.get("summary") or {}).get("text", "")),
+            "baseline": str(doc.get("baseline", "")), "table": table, "lists": [x for x in lists if x[1]]}
 
 
 # --- pathologies ------------------------------------------------------------------
