@@ -5,6 +5,7 @@ Exit codes: 0 done (diverged jobs are results), 1 some jobs failed, 2 bad input.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import time
@@ -21,7 +22,7 @@ def _positive_int(text: str) -> int:
     except ValueError:
         value = -1
     if value < 1:
-        raise cli.argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return value
 
 
@@ -56,9 +57,7 @@ def _main(argv: Sequence[str] | None) -> int:
     out = Path(args.out) if args.out else default_out(sweep.name)
 
     if args.dry_run:
-        bundles = dispatch.plan(jobs, devices, max_bundle=runtime.max_bundle, memory_mb=runtime.memory_mb,
-                                 workers=args.jobs or 1)
-        workers = dispatch.choose_workers(bundles, devices, args.jobs or runtime.jobs)
+        bundles, workers = _plan(jobs, devices, runtime, args.jobs, backend)
         print(f"{sweep.name}: {len(jobs)} jobs in {len(bundles)} bundles on {','.join(devices)}, "
               f"{workers or 'no'} worker processes; results -> {out}")
         return EXIT_OK
@@ -69,14 +68,7 @@ def _main(argv: Sequence[str] | None) -> int:
             "axes": [k for k, _ in sweep.grid], "env": record.environment(",".join(devices))}
     db = store.Store.open(out, fingerprint=sweep.fingerprint, meta=meta, fresh=args.fresh)
     done = db.finished()
-    pending = [j for j in jobs if j.job_id not in done]
-    first = dispatch.plan(pending, devices, max_bundle=runtime.max_bundle,
-                          memory_mb=runtime.memory_mb) if pending else []
-    workers = dispatch.choose_workers(first, devices, args.jobs or runtime.jobs)
-    if backend == "dask" and not workers:
-        workers = 2  # a local dask cluster of two worker processes (an existing one uses all of its)
-    bundles = dispatch.plan(pending, devices, max_bundle=runtime.max_bundle, memory_mb=runtime.memory_mb,
-                            workers=max(workers, 1))
+    bundles, workers = _plan([j for j in jobs if j.job_id not in done], devices, runtime, args.jobs, backend)
     counts = {"ok": 0, "diverged": 0, "failed": 0}
     start = time.perf_counter()
     bar = None if args.quiet else _progress(len(jobs), len(done))
@@ -106,6 +98,19 @@ def _main(argv: Sequence[str] | None) -> int:
     if not args.no_report:
         write_report(out, args.quiet)
     return EXIT_FAILED if counts["failed"] else EXIT_OK
+
+
+def _plan(jobs: list, devices: list[str], runtime, jobs_flag: int | None, backend: str) -> tuple[list, int]:
+    """Bundles and worker count: the workers depend on the work, and the bundles on the workers."""
+    from bench import dispatch
+
+    first = dispatch.plan(jobs, devices, max_bundle=runtime.max_bundle, memory_mb=runtime.memory_mb)
+    workers = dispatch.choose_workers(first, devices, jobs_flag or runtime.jobs)
+    if backend == "dask" and not workers and jobs:
+        workers = 2  # a local dask cluster of two worker processes (an existing one uses all of its)
+    bundles = dispatch.plan(jobs, devices, max_bundle=runtime.max_bundle, memory_mb=runtime.memory_mb,
+                            workers=max(workers, 1))
+    return bundles, workers
 
 
 def default_out(name: str) -> Path:
