@@ -28,7 +28,6 @@ except ModuleNotFoundError:  # Python 3.10 (pyproject allows it): the same parse
 from bench import inits, models, tasks
 from bench.errors import UserError, is_number
 
-FORMAT_VERSION = 1
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -39,7 +38,7 @@ class Setting:
 
     table: str
     check: Callable[[str, Any], Any]  # (where, value) -> normalised value, or raise UserError
-    default: Any = None  # None: required
+    default: Any  # every setting has a default, so a spec names only what it changes
 
 
 def _int(minimum: int) -> Callable[[str, Any], int]:
