@@ -318,7 +318,8 @@ def execute(bundles: list[Bundle], cfg: MetricsConfig, *, workers: int, backend:
         raise UserError(f"--backend {backend!r}: choose from {list(BACKENDS)}")
     # Split the cores between workers so that their matmul threads don't oversubscribe (idle
     # OpenMP threads spin, so two busy pools on one core slow each other down many times over).
-    # A user's OMP_NUM_THREADS caps the total. Dask workers keep their own settings.
+    # This process's thread count (the cores, or OMP_NUM_THREADS) caps the total. Dask workers keep
+    # their own settings.
     cores = min(os.cpu_count() or 1, _thread_cap())
     on_cpu = bool(bundles) and bundles[0].device == "cpu"
     threads = max(1, cores // max(workers, 1)) if on_cpu and backend != "dask" else 0
@@ -415,8 +416,10 @@ def _isolated(job: Job, cfg: MetricsConfig, device: str, threads: int, cause: st
 
 
 def _thread_cap() -> int:
-    value = os.environ.get("OMP_NUM_THREADS", "")
-    return int(value) if value.isdigit() and int(value) > 0 else os.cpu_count() or 1
+    # torch's thread count in the parent: the cores, or OMP_NUM_THREADS, or what a caller (a test
+    # running alongside others) chose. Never raise it: spinning threads on a busy core cost more
+    # than they add.
+    return max(1, torch.get_num_threads())
 
 
 def _checked(results: object) -> list[JobResult]:

@@ -17,6 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
 
 
+# One thread per test process: the suite runs on every core at once (pytest-xdist).
+QUIET_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def run_cli(module: str, *args: str, env: dict | None = None, timeout: float = 300,
             cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """Run ``python -m <module> args...`` as a user would, capturing output."""

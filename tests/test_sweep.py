@@ -15,7 +15,7 @@ import pandas as pd
 
 import bench
 from bench import spec as spec_mod
-from tests.conftest import ROOT, TINY_SPEC, run_cli
+from tests.conftest import QUIET_ENV, ROOT, TINY_SPEC, run_cli
 
 RUN_COLUMNS = ["init", "depth", "width", "activation", "lr", "seed", "task", "optimizer", "job_id", "status",
                "error", "steps_to_target", "final_loss", "best_loss", "loss_auc", "final_val_loss",
@@ -149,7 +149,7 @@ def test_sigkill_then_rerun_gives_every_job_once_and_the_same_results(tmp_path):
     for kill_after in (1, 8):
         out = tmp_path / f"killed{kill_after}"
         proc = subprocess.Popen([sys.executable, "-m", "bench.sweep", str(spec_path), "--out", str(out),
-                                 "--no-report", "--quiet", "--jobs", "1"], cwd=ROOT,
+                                 "--no-report", "--quiet", "--jobs", "1"], cwd=ROOT, env=QUIET_ENV,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
         while count_rows(out) < kill_after and time.time() < deadline and proc.poll() is None:
@@ -176,7 +176,7 @@ def test_load_while_a_sweep_is_writing(tmp_path):
     spec_path.write_text(SLOW_SPEC)
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "bench.sweep", str(spec_path), "--out", str(out),
-                             "--no-report", "--quiet", "--jobs", "1"], cwd=ROOT,
+                             "--no-report", "--quiet", "--jobs", "1"], cwd=ROOT, env=QUIET_ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
