@@ -73,17 +73,20 @@ def loss_per_job(out: torch.Tensor, y: torch.Tensor, classes: int | None) -> tor
 def _stats(t: torch.Tensor) -> torch.Tensor:
     """mean, std, absmax, norm of each job's slice of ``t`` (K, ...) -> (K, 4).
 
-    Two-pass std by hand: torch.std on CPU is about 20x slower than these three kernels.
+    Four streaming reductions and no temporaries: torch.std on CPU is about 20x slower, and a
+    two-pass std allocates a copy of every activation. The std comes from the norm and the mean;
+    its cancellation error is ~1e-7 x (mean / std)^2 in float32, far below what the probes resolve.
     """
     flat = t.detach().flatten(1)
     n = flat.shape[1]
     mean = flat.mean(1)
+    norm = torch.linalg.vector_norm(flat, dim=1)
+    absmax = torch.maximum(flat.amax(1), -flat.amin(1))
     if n > 1:
-        dev = flat - mean[:, None]
-        std = ((dev * dev).sum(1) / (n - 1)).sqrt()
+        std = ((norm * norm - n * mean * mean).clamp_min(0) / (n - 1)).sqrt()
     else:  # the std of a single value (a one-unit output bias) is undefined: NaN, as torch.std says
         std = torch.full_like(mean, float("nan"))
-    return torch.stack([mean, std, flat.abs().amax(1), torch.linalg.vector_norm(flat, dim=1)], dim=1)
+    return torch.stack([mean, std, absmax, norm], dim=1)
 
 
 class _Optimizer:
