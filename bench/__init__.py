@@ -4,6 +4,14 @@
 ``bench.summarize(results, by=[...])`` aggregates them over seeds.
 """
 
+import os
+
+# Idle OpenMP threads sleep instead of spinning (set before torch is first imported; a user's own
+# setting wins). On a shared or busy machine, spinning threads waiting for a descheduled partner
+# made a bundle 20-40x slower in our measurements (docs/performance.md); on an idle one the cost
+# of waking is small next to a step.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 __version__ = "0.1.0"
 __all__ = ["load", "summarize", "__version__"]
 

@@ -83,20 +83,23 @@ def from_bundle(jobs: list[Job], out: BundleOutput, cfg: MetricsConfig, wall_s: 
                                "val_acc": out.val_acc[keep, k], "grad_norm": out.grad_norm[keep, k]})
         stats = out.layer_stats[keep, k]  # (n, depth, kinds, stats)
         n = len(steps)
-        layers = pd.DataFrame(stats.reshape(-1, len(STATS)), columns=list(STATS))
-        layers.insert(0, "param", np.tile(np.array(KINDS, dtype=object), n * depth))
-        layers.insert(0, "layer", np.tile(np.repeat(np.arange(depth), len(KINDS)), n))
-        layers.insert(0, "step", np.repeat(steps, depth * len(KINDS)))
+        # Compact dtypes: 10,000 jobs' traces are tens of millions of rows (float32 stats,
+        # int32 indices, a categorical param).
+        layers = pd.DataFrame(stats.reshape(-1, len(STATS)).astype(np.float32), columns=list(STATS))
+        layers.insert(0, "param", pd.Categorical.from_codes(np.tile(np.arange(len(KINDS)), n * depth),
+                                                            categories=list(KINDS)))
+        layers.insert(0, "layer", np.tile(np.repeat(np.arange(depth, dtype=np.int32), len(KINDS)), n))
+        layers.insert(0, "step", np.repeat(steps.astype(np.int32), depth * len(KINDS)))
         # The output layer has no post-activation; keep only rows that were measured.
         layers = layers[~((layers["param"] == "act") & (layers["layer"] == depth - 1))].reset_index(drop=True)
         # Signal propagation: measured second moment of each layer's preactivation at step 0
         # next to mean-field theory's prediction for this scheme, activation and input.
         pre = layers["param"].isin(["preact", "act"])
-        layers["q"] = np.where(pre, layers["mean"] ** 2 + layers["std"] ** 2, np.nan)
+        layers["q"] = np.where(pre, layers["mean"] ** 2 + layers["std"] ** 2, np.nan).astype(np.float32)
         predicted = _predicted_q(job, out.dims, float(out.input_q[k]))
         first = (layers["step"] == 0) & (layers["param"] == "preact")
-        layers["q_pred"] = np.nan
-        layers.loc[first, "q_pred"] = predicted[layers.loc[first, "layer"].to_numpy()]
+        layers["q_pred"] = np.float32(np.nan)
+        layers.loc[first, "q_pred"] = predicted[layers.loc[first, "layer"].to_numpy()].astype(np.float32)
         m = metrics.job_metrics(steps, train, curves["val_loss"].to_numpy(), curves["val_acc"].to_numpy(),
                                 stats, div, job.steps, cfg)
         m["signal_error"] = metrics.signal_error(layers.loc[first, "q"].to_numpy(), predicted)

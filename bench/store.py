@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -209,7 +210,9 @@ def load(directory: str | Path) -> Results:
         for blob, sink in ((cblob, curves), (lblob, layers)):
             if blob is not None:
                 table = _from_blob(blob)
-                sink.append(table.append_column("job_id", pa.array([job_id] * table.num_rows, pa.string())))
+                ids = pa.DictionaryArray.from_arrays(pa.array(np.zeros(table.num_rows, np.int32)),
+                                                     pa.array([job_id]))
+                sink.append(table.append_column("job_id", ids))
     runs = pd.DataFrame.from_records(records)
     return Results(runs=runs, curves=_concat(curves, CURVE_COLUMNS), layers=_concat(layers, LAYER_COLUMNS),
                    meta=meta)
@@ -220,4 +223,8 @@ def _concat(tables: list[pa.Table], columns: tuple[str, ...]) -> pd.DataFrame:
         return pd.DataFrame(columns=["job_id", *columns])
     # promote_options: stores written before a column existed load it as NaN.
     df = pa.concat_tables(tables, promote_options="default").to_pandas()
+    # Dictionary-encoded in Arrow (compact while concatenating); plain strings for the user.
+    for name in ("job_id", "param"):
+        if name in df and isinstance(df[name].dtype, pd.CategoricalDtype):
+            df[name] = df[name].astype(str)
     return df.reindex(columns=["job_id", *columns])

@@ -1,0 +1,270 @@
+"""``python benchmarks/scale.py [--out FILE.md]``: how initbench scales, as markdown tables.
+
+1. Planning: a 10,000-job spec through ``python -m bench.sweep SPEC --dry-run``, timed as a
+   whole process (target: under 5 s).
+2. Results: 10,000 jobs' results (curves and layer traces every 10 of 300 steps, 16 layers)
+   stored with ``Store.add`` and read back with ``bench.load``, each in its own process so
+   that its peak RSS (``resource.getrusage``) is its own (target: under 30 s and 2 GB).
+   The results are synthesized, not trained: random arrays of the engine's shapes and
+   dtypes (``BundleOutput``) turned into ``JobResult`` by ``bench.record.from_bundle``
+   itself, so the tables are exactly what a sweep stores. Synthesis is timed apart.
+3. Growth: time (best of 2) and peak memory of ``engine.train`` on real (small) bundles,
+   varying jobs, depth, width and steps one at a time around the target shape.
+
+Each measurement runs in a fresh subprocess (``python benchmarks/scale.py _<mode> ...``)
+that prints one JSON line. Threads: OMP_NUM_THREADS (default 2) for every subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+THREADS = os.environ.get("OMP_NUM_THREADS") or os.environ.get("INITBENCH_BENCH_THREADS") or "2"
+
+INITS = ["default", "kaiming_normal", "kaiming_uniform", "xavier_uniform", "xavier_normal", "orthogonal",
+         "zeros", "scaled_normal", "mean_field", "lsuv"]
+# 10 inits x 10 depths x 10 learning rates x 10 seeds = 10,000 jobs in 10 shapes (one per depth),
+# planned into 160 bundles of at most 64.
+PLAN_SPEC = f"""
+name = "plan10k"
+[grid]
+init = {json.dumps(INITS)}
+depth = [2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+lr = [0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2]
+seed = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+"""
+# The stored-results workload: depth 16, 300 steps, probes every 10 steps.
+RESULTS_SPEC = """
+name = "results{n}"
+[grid]
+init = {inits}
+lr = [0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2]
+seed = {seeds}
+[model]
+depth = 16
+[train]
+steps = 300
+log_every = 10
+"""
+CHUNK = 100  # synthesized results per fake bundle
+
+BASE = {"K": 48, "depth": 6, "width": 64, "steps": 100}  # the target shape, 100 steps
+GROWTH = {"K": [12, 24, 48, 96], "depth": [2, 4, 8, 16], "width": [16, 64, 256], "steps": [50, 100, 200]}
+
+
+# --- measurements, each in its own process ------------------------------------------
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _results_jobs(n: int):
+    from bench import spec
+
+    seeds = list(range(-(-n // (len(INITS) * 10))))
+    sweep = spec.parse(RESULTS_SPEC.format(n=n, inits=json.dumps(INITS), seeds=json.dumps(seeds)))
+    return sweep.jobs()[:n], sweep
+
+
+def _fake_bundle(jobs, rng):
+    """A BundleOutput with the engine's shapes and dtypes, filled with plausible random numbers."""
+    import numpy as np
+
+    from bench import models, tasks
+    from bench.engine import KINDS, STATS, BundleOutput
+
+    job, k = jobs[0], len(jobs)
+    data = tasks.load(job.task, job.task_params, job.seed)
+    log_steps = np.arange(0, job.steps + 1, job.log_every)
+    n_log = len(log_steps)
+    decay = np.exp(-np.arange(job.steps + 1) / 100.0)[:, None]
+    losses = (decay * rng.uniform(0.5, 1.5, k) + 0.01 * rng.random((job.steps + 1, k))).astype(np.float32)
+    stats = rng.random((n_log, k, job.depth, len(KINDS), len(STATS)), dtype=np.float32)
+    stats[:, :, :, :2, STATS.index("dead_frac")] = np.nan  # weights and biases have no dead units
+    stats[:, :, :, 2:, STATS.index("grad_norm")] = np.nan  # activations have no gradient ...
+    stats[:, :, :, 2:, STATS.index("update_ratio")] = np.nan  # ... or update
+    stats[:, :, :, 3, STATS.index("dead_frac")] = np.nan
+    stats[-1, :, :, :, STATS.index("update_ratio")] = np.nan  # no update after the last step
+    return BundleOutput(log_steps=log_steps, losses=losses, val_loss=losses[log_steps] * 1.1,
+                        val_acc=np.full((n_log, k), np.nan, np.float32),
+                        grad_norm=rng.random((n_log, k), dtype=np.float32), layer_stats=stats,
+                        diverged_at=np.full(k, -1), init_loss=losses[0].copy(),
+                        input_q=rng.uniform(0.9, 1.1, k).astype(np.float32),
+                        dims=models.layer_dims(data.d_in, data.d_out, job.depth, job.width))
+
+
+def _store(directory: str, n: int) -> dict:
+    import numpy as np
+
+    from bench import record, store
+
+    jobs, sweep = _results_jobs(n)
+    db = store.Store.open(directory, fingerprint=sweep.fingerprint, meta={"spec_name": sweep.name},
+                          fresh=True)
+    env = record.environment("cpu")
+    rng = np.random.default_rng(0)
+    synth = add = 0.0
+    rows = {"curves": 0, "layers": 0}
+    for i in range(0, len(jobs), CHUNK):
+        chunk = jobs[i: i + CHUNK]
+        start = time.perf_counter()
+        results = record.from_bundle(chunk, _fake_bundle(chunk, rng), sweep.metrics, 1.0, env)
+        synth += time.perf_counter() - start
+        start = time.perf_counter()
+        for r in results:
+            db.add(r)
+            rows["curves"] += len(r.curves)
+            rows["layers"] += len(r.layers)
+        add += time.perf_counter() - start
+    db.close()
+    size = sum(p.stat().st_size for p in Path(directory).iterdir())
+    return {"jobs": len(jobs), "store_s": add, "synth_s": synth, "peak_rss_mb": peak_rss_mb(),
+            "file_mb": size / 2**20, **rows}
+
+
+def _load(directory: str) -> dict:
+    import bench
+
+    before = peak_rss_mb()
+    start = time.perf_counter()
+    r = bench.load(directory)
+    seconds = time.perf_counter() - start
+    frames = {"runs": r.runs, "curves": r.curves, "layers": r.layers}
+    return {"load_s": seconds, "peak_rss_mb": peak_rss_mb(), "rss_before_mb": before,
+            "frames_mb": sum(f.memory_usage(deep=True).sum() for f in frames.values()) / 2**20,
+            **{f"{k}_rows": len(v) for k, v in frames.items()}}
+
+
+def _train(settings: str) -> dict:
+    import torch
+
+    from bench import engine, spec
+
+    cfg = json.loads(settings)
+    torch.set_num_threads(int(THREADS))
+    base = spec.load(HERE / "specs" / "target.toml").jobs()
+    # K jobs: the target's 48, then the same grid with further seeds.
+    jobs = [dataclasses.replace(base[i % len(base)], seed=base[i % len(base)].seed + 3 * (i // len(base)),
+                                depth=cfg["depth"], width=cfg["width"], steps=cfg["steps"])
+            for i in range(cfg["K"])]
+    engine.train(jobs[:1], device="cpu")  # first-call costs (allocator, kernels) out of the figure
+    ready = peak_rss_mb()
+    times = []
+    for _ in range(2):  # best of 2: a burst of load from another process hits one run, rarely both
+        start = time.perf_counter()
+        engine.train(jobs, device="cpu")
+        times.append(time.perf_counter() - start)
+    return {"train_s": min(times), "rss_before_mb": ready, "peak_rss_mb": peak_rss_mb()}
+
+
+# --- the parent: run subprocesses, write tables -------------------------------------
+def child(*args: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": THREADS}
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"scale.py {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def process_seconds(args: list[str], repeat: int = 3) -> list[float]:
+    env = {**os.environ, "OMP_NUM_THREADS": THREADS}
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True)
+        times.append(time.perf_counter() - start)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return times
+
+
+def planning_table(tmp: Path) -> list[str]:
+    path = tmp / "plan10k.toml"
+    path.write_text(PLAN_SPEC)
+    rows = [("python -c pass", ["-c", "pass"]), ("python -c 'import torch'", ["-c", "import torch"]),
+            ("bench.sweep SPEC --dry-run (10,000 jobs)",
+             ["-m", "bench.sweep", str(path), "--dry-run", "--out", str(tmp / "plan")])]
+    out = ["| process | best of 3 (s) | median (s) | target |", "|---|---|---|---|"]
+    for name, args in rows:
+        t = process_seconds(args)
+        target = f"< 5 s: {'met' if min(t) < 5 else 'NOT met'}" if "dry-run" in name else ""
+        out.append(f"| `{name}` | {min(t):.2f} | {statistics.median(t):.2f} | {target} |")
+    return out
+
+
+def results_table(tmp: Path, sizes: list[int]) -> list[str]:
+    out = ["| jobs | curve rows | layer rows | synthesize (s) | store (s) | store peak RSS (MB) | "
+           "file (MB) | load (s) | load peak RSS (MB) | frames (MB) | store + load < 30 s, < 2 GB |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n in sizes:
+        directory = tmp / f"results{n}"
+        s = child("_store", str(directory), str(n))
+        ld = child("_load", str(directory))
+        ok = s["store_s"] + ld["load_s"] < 30 and max(s["peak_rss_mb"], ld["peak_rss_mb"]) < 2048
+        out.append(f"| {n:,} | {s['curves']:,} | {s['layers']:,} | {s['synth_s']:.1f} | {s['store_s']:.1f} | "
+                   f"{s['peak_rss_mb']:.0f} | {s['file_mb']:.0f} | {ld['load_s']:.1f} | "
+                   f"{ld['peak_rss_mb']:.0f} | {ld['frames_mb']:.0f} | "
+                   f"{'met' if ok else 'NOT met'} ({s['store_s'] + ld['load_s']:.1f} s) |")
+    return out
+
+
+def growth_table() -> list[str]:
+    out = ["| varied | K | depth | width | steps | train (s) | model-steps/s | peak RSS (MB) | "
+           "RSS growth in training (MB) |", "|---|---|---|---|---|---|---|---|---|"]
+    for axis, values in GROWTH.items():
+        for v in values:
+            cfg = {**BASE, axis: v}
+            r = child("_train", json.dumps(cfg))
+            out.append(f"| {axis} | {cfg['K']} | {cfg['depth']} | {cfg['width']} | {cfg['steps']} | "
+                       f"{r['train_s']:.2f} | {cfg['K'] * cfg['steps'] / r['train_s']:,.0f} | "
+                       f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - r['rss_before_mb']:.0f} |")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    modes = {"_store": lambda a: _store(a[0], int(a[1])), "_load": lambda a: _load(a[0]),
+             "_train": lambda a: _train(a[0])}
+    if argv and argv[0] in modes:
+        print(json.dumps(modes[argv[0]](argv[1:])))
+        return 0
+    p = argparse.ArgumentParser(prog="python benchmarks/scale.py", description=__doc__.splitlines()[0])
+    p.add_argument("--out", help="also write the tables to this markdown file")
+    p.add_argument("--results", default="1000,10000", help="job counts for the store/load table")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: plan,results,growth")
+    args = p.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    lines = [f"Measured {datetime.date.today()} on {platform.node()} ({os.cpu_count()} cores), "
+             f"{THREADS} threads, Python {platform.python_version()}.", ""]
+    with tempfile.TemporaryDirectory(prefix="initbench-scale-") as tmp:
+        sections = [("plan", "Planning", lambda: planning_table(Path(tmp))),
+                    ("results", "Storing and loading results (depth 16, 300 steps, log_every 10)",
+                     lambda: results_table(Path(tmp), [int(n) for n in args.results.split(",")])),
+                    ("growth", f"Growth around the target shape ({BASE})", growth_table)]
+        for key, title, make in sections:
+            if key not in skip:
+                lines += [f"### {title}", "", *make(), ""]
+                print(f"{title}: done", file=sys.stderr)
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
