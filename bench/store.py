@@ -191,8 +191,11 @@ def load(directory: str | Path) -> Results:
     try:
         meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
         _check_version(path, meta)
+        # One statement is one consistent snapshot in WAL mode, even while a sweep writes; rows are
+        # decoded as they stream, so the compressed blobs are never all in memory at once.
         rows = con.execute("SELECT job_id, status, error, settings, metrics, pathologies, wall_s, env, "
-                           "curves, layers FROM runs ORDER BY finished_at, job_id").fetchall()
+                           "curves, layers FROM runs ORDER BY finished_at, job_id")
+        records, curves, layers = _decode(rows)
     except sqlite3.DatabaseError as err:
         raise UserError(f"{path}: not a readable initbench store ({err})") from None
     finally:
@@ -200,7 +203,15 @@ def load(directory: str | Path) -> Results:
     for key in ("axes", "env"):
         if key in meta:
             meta[key] = json.loads(meta[key])
-    records, curves, layers = [], [], []
+    runs = pd.DataFrame.from_records(records)
+    return Results(runs=runs, curves=_concat(curves, CURVE_COLUMNS), layers=_concat(layers, LAYER_COLUMNS),
+                   meta=meta)
+
+
+def _decode(rows) -> tuple[list[dict], list[pa.Table], list[pa.Table]]:
+    records: list[dict] = []
+    curves: list[pa.Table] = []
+    layers: list[pa.Table] = []
     for job_id, status, error, settings, mets, paths, wall_s, env, cblob, lblob in rows:
         env = json.loads(env)
         settings = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(settings).items()}
@@ -213,18 +224,20 @@ def load(directory: str | Path) -> Results:
                 ids = pa.DictionaryArray.from_arrays(pa.array(np.zeros(table.num_rows, np.int32)),
                                                      pa.array([job_id]))
                 sink.append(table.append_column("job_id", ids))
-    runs = pd.DataFrame.from_records(records)
-    return Results(runs=runs, curves=_concat(curves, CURVE_COLUMNS), layers=_concat(layers, LAYER_COLUMNS),
-                   meta=meta)
+    return records, curves, layers
 
 
 def _concat(tables: list[pa.Table], columns: tuple[str, ...]) -> pd.DataFrame:
     if not tables:
         return pd.DataFrame(columns=["job_id", *columns])
     # promote_options: stores written before a column existed load it as NaN.
-    df = pa.concat_tables(tables, promote_options="default").to_pandas()
-    # Dictionary-encoded in Arrow (compact while concatenating); plain strings for the user.
+    table = pa.concat_tables(tables, promote_options="default")
+    tables.clear()  # the caller's list: let to_pandas free each column once it is converted
+    # Dictionary-encoded while concatenating (compact); plain strings for the user.
     for name in ("job_id", "param"):
-        if name in df and isinstance(df[name].dtype, pd.CategoricalDtype):
-            df[name] = df[name].astype(str)
+        i = table.schema.get_field_index(name)
+        if i >= 0 and pa.types.is_dictionary(table.schema.field(i).type):
+            table = table.set_column(i, name, table.column(name).cast(pa.string()))
+    df = table.to_pandas(self_destruct=True, split_blocks=True)
+    del table
     return df.reindex(columns=["job_id", *columns])
