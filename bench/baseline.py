@@ -159,7 +159,7 @@ def save(directory: str | Path, path: str | Path, spec_path: str | None = None) 
     """
     import bench
 
-    results = bench.load(directory)
+    results = bench.load(directory, traces=False)
     cells = cells_from_runs(results.runs)
     names = labels(list(cells.values()), results.axes)
     first, *rest = cells.values()

@@ -277,8 +277,6 @@ class _Dask:
 
     def run_alone(self, job: Job, cfg: MetricsConfig, device: str, cause: str) -> list[JobResult]:
         """One job as its own dask task; a worker it kills, or no worker at all, is its failure."""
-        from distributed import Future  # noqa: F401 - imported for the watchdog's cancel
-
         if self.lost.is_set():
             return [record.failed(job, f"no dask worker left to retry it (after: {cause})",
                                   record.environment(device))]

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import tomllib
 
-from bench import cli
+from bench import cli, sweep
 from bench.baseline import (
     VERSION,
     Baseline,
@@ -205,7 +205,7 @@ def run_check(directory: Path, baseline: Baseline, fails: Sequence[tuple[str, To
     """Check a sweep directory against a loaded baseline; print and write the report; the exit code."""
     import bench
 
-    results = bench.load(directory)
+    results = bench.load(directory, traces=False)
     policy = spec_policy(results.spec_text, str(results.meta.get("spec_path") or directory))
     policy = policy.with_tolerances(fails)
     if alpha is not None:
@@ -307,12 +307,7 @@ def _policy_flags(p: argparse.ArgumentParser) -> None:
 
 def _sweep_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="the sweep spec (TOML)")
-    p.add_argument("--jobs", type=_positive, help="worker processes (bench.sweep --jobs)")
-    p.add_argument("--backend", choices=["loky", "dask", "threading"], help="joblib backend")
-    p.add_argument("--scheduler", help="dask scheduler address")
-    p.add_argument("--devices", help="auto | cpu | cuda | cuda:0,cuda:1")
-    p.add_argument("--no-report", action="store_true", help="do not write report.html")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or sweep summary")
+    sweep.add_run_flags(p)
 
 
 def parser() -> cli.Parser:
@@ -397,7 +392,7 @@ def _sweep_argv(args: argparse.Namespace, spec_path: str, out: Path, fresh: bool
 
 
 def _run(args: argparse.Namespace, baseline: Baseline) -> int:
-    from bench import spec, sweep
+    from bench import spec
 
     out = args.out or sweep.default_out(spec.load(args.spec).name)
     code = sweep.main(_sweep_argv(args, args.spec, out, fresh=not args.resume))
@@ -411,7 +406,7 @@ def _run(args: argparse.Namespace, baseline: Baseline) -> int:
 
 def _sweep_more_seeds(args: argparse.Namespace) -> tuple[int, Path]:
     """``baseline``: write the spec with a wider seed axis into the sweep directory and sweep it."""
-    from bench import spec, sweep
+    from bench import spec
 
     original = spec.load(args.spec)
     text, seeds = widen_seeds(original.text, args.spec, args.seeds)
@@ -429,7 +424,7 @@ def _sweep_more_seeds(args: argparse.Namespace) -> tuple[int, Path]:
 def _calibrate(args: argparse.Namespace) -> int:
     import bench
 
-    results = bench.load(args.dir)
+    results = bench.load(args.dir, traces=False)
     policy = spec_policy(results.spec_text, str(args.dir)).with_tolerances(args.fail)
     policy = replace(policy, alpha=args.alpha) if args.alpha else policy
     cells = cells_from_runs(results.runs)

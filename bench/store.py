@@ -185,8 +185,13 @@ class Results:
         return str(self.meta.get("spec_text", ""))
 
 
-def load(directory: str | Path) -> Results:
+def load(directory: str | Path, *, traces: bool = True) -> Results:
     """Load a sweep directory's results (safe while the sweep is still writing).
+
+    Args:
+        directory: a sweep's output directory.
+        traces: also load ``.curves`` and ``.layers`` (False: empty tables, much faster for
+            callers that only read ``.runs``).
 
     Returns:
         :class:`Results` with ``.runs`` (one row per job: settings, status, error,
@@ -202,8 +207,9 @@ def load(directory: str | Path) -> Results:
         _check_version(path, meta)
         # One statement is one consistent snapshot in WAL mode, even while a sweep writes; rows are
         # decoded as they stream, so the compressed blobs are never all in memory at once.
+        blobs = "curves, layers" if traces else "NULL, NULL"
         rows = con.execute("SELECT job_id, status, error, settings, metrics, pathologies, wall_s, env, "
-                           "curves, layers FROM runs ORDER BY finished_at, job_id")
+                           f"{blobs} FROM runs ORDER BY finished_at, job_id")
         records, curves, layers = _decode(rows)
     except sqlite3.DatabaseError as err:
         raise UserError(f"{path}: not a readable initbench store ({err})") from None

@@ -30,15 +30,20 @@ def parser() -> cli.Parser:
     p = cli.Parser(prog="python -m bench.sweep", description=__doc__.splitlines()[0])
     p.add_argument("spec", help="the sweep spec (TOML)")
     p.add_argument("--out", help="output directory (default: reports/<spec name>/)")
+    add_run_flags(p)
+    p.add_argument("--fresh", action="store_true", help="delete earlier results in --out first")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    return p
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that say how a sweep runs; ``bench.regress run`` passes them on to the sweep."""
     p.add_argument("--jobs", type=_positive_int, help="worker processes (default: chosen from the work)")
     p.add_argument("--backend", choices=["loky", "dask", "threading"], help="joblib backend (default: loky)")
     p.add_argument("--scheduler", help="dask scheduler address, e.g. tcp://host:8786")
     p.add_argument("--devices", help="auto | cpu | cuda | cuda:0,cuda:1 (default: auto)")
-    p.add_argument("--fresh", action="store_true", help="delete earlier results in --out first")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     p.add_argument("--no-report", action="store_true", help="do not write report.html")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    return p
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -132,7 +137,7 @@ def _progress(total: int, done: int):
 def _print_summary(out: Path, resumed: int, counts: dict[str, int]) -> None:
     import bench
 
-    results = bench.load(out)
+    results = bench.load(out, traces=False)
     runs = results.runs
     print(f"\n{len(runs)} jobs in {out}: " + ", ".join(f"{v} {k}" for k, v in
                                                       runs["status"].value_counts().items())

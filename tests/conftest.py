@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,25 @@ def run_cli(module: str, *args: str, env: dict | None = None, timeout: float = 3
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=cwd)
+
+
+def count_rows(out: Path) -> int:
+    """Jobs stored so far in a sweep directory, read as a concurrent reader (0 before the store exists)."""
+    try:
+        con = sqlite3.connect(f"file:{out / 'store.sqlite'}?mode=ro", uri=True)
+        try:
+            return con.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0
+
+
+def wait_rows(out: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until ``n`` jobs are stored, the sweep process ends, or ``timeout`` seconds pass."""
+    deadline = time.time() + timeout
+    while count_rows(out) < n and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
 
 
 TINY_SPEC = """

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import bench
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, wait_rows
 
 BIN = Path(sys.executable).parent
 
@@ -93,20 +93,6 @@ def test_a_dask_cluster_gives_the_same_results_as_loky(cluster, tmp_path):
         for name, value in a[job_id].items():
             assert value == pytest.approx(b[job_id][name], rel=1e-5, nan_ok=True), (job_id, name)
     assert set(bench.load(tmp_path / "dask").runs["status"]) == {"ok"}
-
-
-def wait_rows(out: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            con = sqlite3.connect(f"file:{out / 'store.sqlite'}?mode=ro", uri=True)
-            count = con.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
-            con.close()
-            if count >= n:
-                return
-        except sqlite3.Error:
-            pass
-        time.sleep(0.05)
 
 
 def test_a_killed_worker_is_survived_and_losing_every_worker_does_not_hang(cluster, tmp_path):

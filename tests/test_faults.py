@@ -14,7 +14,7 @@ import pytest
 import bench
 from bench import dispatch, spec
 from bench.errors import UserError
-from tests.conftest import QUIET_ENV, ROOT, run_cli
+from tests.conftest import QUIET_ENV, ROOT, run_cli, wait_rows
 
 FACTORIES = '''
 import os
@@ -135,17 +135,7 @@ def test_ctrl_c_stops_promptly_keeps_finished_jobs_and_says_how_to_resume(tmp_pa
     proc = subprocess.Popen([sys.executable, "-m", "bench.sweep", str(path), "--out", str(out), "--no-report",
                              "--quiet", "--jobs", "2"], cwd=ROOT, env=QUIET_ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            con = sqlite3.connect(f"file:{out / 'store.sqlite'}?mode=ro", uri=True)
-            n = con.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
-            con.close()
-        except sqlite3.Error:
-            n = 0
-        if n >= 2:
-            break
-        time.sleep(0.05)
+    wait_rows(out, 2, proc)
     sent = time.time()
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)

@@ -7,7 +7,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import pandas as pd
 
 import bench
 from bench import spec as spec_mod
-from tests.conftest import QUIET_ENV, ROOT, TINY_SPEC, run_cli
+from tests.conftest import QUIET_ENV, ROOT, TINY_SPEC, run_cli, wait_rows
 
 RUN_COLUMNS = ["init", "depth", "width", "activation", "lr", "seed", "task", "optimizer", "job_id", "status",
                "error", "steps_to_target", "final_loss", "best_loss", "loss_auc", "final_val_loss",
@@ -128,17 +127,6 @@ batch_size = 64
 """
 
 
-def count_rows(out: Path) -> int:
-    try:
-        con = sqlite3.connect(f"file:{out / 'store.sqlite'}?mode=ro", uri=True)
-        try:
-            return con.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return 0
-
-
 def test_sigkill_then_rerun_gives_every_job_once_and_the_same_results(tmp_path):
     spec_path = tmp_path / "slow.toml"
     spec_path.write_text(SLOW_SPEC)
@@ -151,9 +139,7 @@ def test_sigkill_then_rerun_gives_every_job_once_and_the_same_results(tmp_path):
         proc = subprocess.Popen([sys.executable, "-m", "bench.sweep", str(spec_path), "--out", str(out),
                                  "--no-report", "--quiet", "--jobs", "1"], cwd=ROOT, env=QUIET_ENV,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while count_rows(out) < kill_after and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.02)
+        wait_rows(out, kill_after, proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         before = stored_rows(out)
@@ -179,9 +165,7 @@ def test_load_while_a_sweep_is_writing(tmp_path):
                              "--no-report", "--quiet", "--jobs", "1"], cwd=ROOT, env=QUIET_ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 120
-        while count_rows(out) < 2 and time.time() < deadline:
-            time.sleep(0.02)
+        wait_rows(out, 2, proc)
         partial = bench.load(out)
         assert 2 <= len(partial.runs) <= 24
         assert set(partial.curves["job_id"]) <= set(partial.runs["job_id"])
