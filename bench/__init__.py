@@ -6,11 +6,13 @@
 
 import os
 
-# Idle OpenMP threads sleep instead of spinning (set before torch is first imported; a user's own
-# setting wins). On a shared or busy machine, spinning threads waiting for a descheduled partner
-# made a bundle 20-40x slower in our measurements (docs/performance.md); on an idle one the cost
-# of waking is small next to a step.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Idle OpenMP threads spin only briefly before they sleep (GNU OpenMP, which Linux torch wheels
+# use; read when torch is first imported; a user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins).
+# The default spin made a bundle 20-40x slower on a busy machine, where a spinning thread waits
+# for a descheduled partner; sleeping at once (PASSIVE) made every operator pay a wake-up, about
+# 1.5x slower on an idle machine. 1000 spins keeps most of both (docs/performance.md, "Load").
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 __version__ = "0.1.0"
 __all__ = ["load", "summarize", "__version__"]

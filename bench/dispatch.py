@@ -174,8 +174,9 @@ def choose_workers(bundles: list[Bundle], devices: list[str], jobs: int = 0) -> 
     """Worker processes: ``jobs`` if given, else one per CUDA device, else one per core.
 
     0 means in-process (no pool): a small sweep of built-in tasks would spend longer starting
-    workers than training. Sweeps that call user code (a task factory) always get worker
-    processes, so that a crash in that code is isolated and recorded instead of ending the sweep.
+    workers than training, and a single worker would add start-up time and nothing else.
+    Sweeps that call user code (a task factory) always get worker processes, so that a crash
+    in that code is isolated and recorded instead of ending the sweep.
     ``--jobs 1`` also trains in-process (joblib runs n_jobs=1 sequentially).
     """
     if not bundles:
@@ -185,9 +186,12 @@ def choose_workers(bundles: list[Bundle], devices: list[str], jobs: int = 0) -> 
     user_code = any(":" in j.task for b in bundles for j in b.jobs)
     if devices[0].startswith("cuda"):
         return min(len(devices), len(bundles))
-    if not user_code and sum(b.cost for b in bundles) < IN_PROCESS_FLOPS:
-        return 0
-    return max(2 if user_code else 1, min(os.cpu_count() or 1, len(bundles)))
+    if user_code:
+        return max(2, min(os.cpu_count() or 1, len(bundles)))
+    workers = min(os.cpu_count() or 1, len(bundles))
+    # One worker would train the bundles in the same order as this process, with the same
+    # threads, after seconds of start-up: only a pool of two or more buys parallelism.
+    return 0 if workers == 1 or sum(b.cost for b in bundles) < IN_PROCESS_FLOPS else workers
 
 
 class WorkerCrash(Exception):
