@@ -22,7 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+# isort: off
+import bench  # noqa: F401 - before torch: it sets the OpenMP spin policy torch reads on import, as a sweep does
 import torch
+# isort: on
 
 from bench import spec
 from bench.spec import Job
