@@ -15,6 +15,7 @@ update sizes, and of the activations on the step's training batch.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +28,7 @@ from bench.schema import KINDS, STATS
 from bench.spec import Job
 
 ADAM_EPS = 1e-8  # torch.optim.Adam's default
+_BUILDING = threading.Lock()
 
 
 @dataclass
@@ -50,9 +52,10 @@ def build_model(job: Job, data: tasks.TaskData) -> nn.Sequential:
     """The job's model as a plain nn.Sequential, initialized by its scheme with the job's init seed.
 
     The global RNG is forked, so building a model never disturbs the caller's random state,
-    and the same job draws the same weights in any process, alone or bundled.
+    and the same job draws the same weights in any process, alone or bundled. One build at a
+    time per process: bundles trained by concurrent threads share that global RNG.
     """
-    with torch.random.fork_rng(devices=[]):
+    with _BUILDING, torch.random.fork_rng(devices=[]):
         torch.manual_seed(tasks.derive_seed(job.seed, "init"))
         model = models.ARCHS[job.arch](data.d_in, data.d_out, job.depth, job.width, job.activation)
         first = tasks.batch_schedule(job.seed, len(data.x_train), job.batch_size, 0)[0]

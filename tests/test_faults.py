@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import signal
 import sqlite3
 import subprocess
@@ -200,19 +199,3 @@ def test_bundles_are_balanced_across_devices_by_estimated_cost():
     assert all(len({j.shape_key() for j in b.jobs}) == 1 for b in bundles)
     assert dispatch.choose_workers(bundles, devices) == 3
 
-
-@pytest.mark.parametrize("cores, spec_text, user_code, expected", [
-    (2, "[grid]\nseed = [0, 1]\n[train]\nsteps = 10\n", False, 0),  # tiny: a pool costs more than it saves
-    (2, "[grid]\nseed = [0, 1]\n[train]\nsteps = 100000\n", False, 0),  # big, one bundle: no parallelism
-    (2, "[grid]\ndepth = [2, 4]\n[train]\nsteps = 100000\n", False, 2),  # two big bundles, two cores
-    (1, "[grid]\ndepth = [2, 4]\n[train]\nsteps = 100000\n", False, 0),  # one core
-    (2, "[grid]\nseed = [0, 1]\n[train]\nsteps = 10\n", True, 2),  # user code is always isolated in workers
-])
-def test_worker_count_follows_cost_bundles_cores_and_user_code(monkeypatch, cores, spec_text, user_code,
-                                                               expected):
-    monkeypatch.setattr(dispatch.os, "cpu_count", lambda: cores)
-    jobs = spec.parse(spec_text).jobs()
-    if user_code:  # as a spec naming a factory "module:function" would give (not imported here)
-        jobs = [dataclasses.replace(job, task="factories:exits") for job in jobs]
-    bundles = dispatch.plan(jobs, ["cpu"])
-    assert dispatch.choose_workers(bundles, ["cpu"]) == expected
