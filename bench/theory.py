@@ -13,10 +13,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from scipy.optimize import brentq
-from scipy.special import ndtr
 
 from bench.errors import UserError
+
+# scipy is imported where it is used, not here: scipy.optimize alone takes ~0.3 s to import, and every
+# worker calls predicted_preact_variance (via bench.record) for its first bundle, where relu and tanh
+# need neither brentq nor ndtr. That import was most of what turning a bundle into results cost.
 
 Fn = Callable[[np.ndarray], np.ndarray]
 Params = Mapping[str, Any] | None
@@ -39,6 +41,12 @@ _SELU_ALPHA = 1.6732632423543772
 _SELU_SCALE = 1.0507009873554805
 
 
+def _ndtr(x: np.ndarray) -> np.ndarray:
+    from scipy.special import ndtr  # lazily: see the note on scipy at the top
+
+    return ndtr(x)
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))  # tanh form cannot overflow, unlike 1 / (1 + exp(-x))
 
@@ -48,7 +56,7 @@ ACTIVATIONS: dict[str, tuple[Fn, Fn]] = {
     "leaky_relu": (lambda x: np.where(x > 0, x, _SLOPE * x), lambda x: np.where(x > 0, 1.0, _SLOPE)),
     "tanh": (np.tanh, lambda x: 1.0 - np.tanh(x) ** 2),
     "linear": (lambda x: x, lambda x: np.ones_like(x)),
-    "gelu": (lambda x: x * ndtr(x), lambda x: ndtr(x) + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)),
+    "gelu": (lambda x: x * _ndtr(x), lambda x: _ndtr(x) + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)),
     "selu": (
         lambda x: _SELU_SCALE * np.where(x > 0, x, _SELU_ALPHA * np.expm1(np.minimum(x, 0.0))),
         lambda x: _SELU_SCALE * np.where(x > 0, 1.0, _SELU_ALPHA * np.exp(np.minimum(x, 0.0))),
@@ -135,6 +143,8 @@ def fixed_point(activation: str, sigma_w2: float, sigma_b2: float) -> float:
     Returns q*; math.inf when q grows past 1e12 with no fixed point (e.g. relu with sigma_w2 > 2);
     0.0 when q collapses to zero (e.g. tanh with sigma_w2 < 1, sigma_b2 = 0) or q* < 1e-12.
     """
+    from scipy.optimize import brentq  # lazily: see the note on scipy at the top
+
     phi, _ = _lookup(ACTIVATIONS, "activation", activation)
     _check_nonnegative(sigma_w2=sigma_w2, sigma_b2=sigma_b2)
 
@@ -220,6 +230,8 @@ def critical_sigma_w2(activation: str, sigma_b2: float) -> float:
     Solves with brentq on [0.1, 20], widening the top up to 1e4 (sigmoid, with phi' <= 1/4, needs
     sigma_w2 >= 16). Returns sigma_w2, e.g. 2 for relu and 1 for tanh at sigma_b2 = 0; UserError if none.
     """
+    from scipy.optimize import brentq  # lazily: see the note on scipy at the top
+
     _lookup(ACTIVATIONS, "activation", activation)
 
     def excess(sigma_w2: float) -> float:

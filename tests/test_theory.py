@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -254,3 +257,16 @@ def test_bad_inputs_raise() -> None:
         theory.variance_map("relu", -1.0, 0.0, 1.0, 3)
     with pytest.raises(UserError, match="dims needs at least 2 widths"):
         theory.predicted_preact_variance("default", "relu", [4], 1.0)
+
+
+def test_prediction_does_not_import_scipy() -> None:
+    # Every worker predicts its first bundle's q through bench.record; importing scipy.optimize
+    # there cost ~0.3 s per process, most of what turning a bundle into results took.
+    code = ("import sys\nfrom bench import theory\n"
+            "for act in ('relu', 'tanh'):\n"
+            "    theory.predicted_preact_variance('kaiming_normal', act, [8, 16, 16, 2], 1.0)\n"
+            "print(sorted(m for m in sys.modules if m.startswith('scipy')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
