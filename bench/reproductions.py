@@ -337,7 +337,8 @@ def blog_table(results) -> pd.DataFrame:
     run = results.runs.iloc[0]
     layers = results.layers[(results.layers["job_id"] == run["job_id"])
                             & results.layers["param"].isin(["weight", "bias"])]
-    means = layers.assign(name=lambda d: (2 * d["layer"]).astype(str) + "." + d["param"]) \
+    # param is categorical (bench.load): text first, or "+" refuses it
+    means = layers.assign(name=lambda d: (2 * d["layer"]).astype(str) + "." + d["param"].astype(str)) \
         .pivot_table(index="step", columns="name", values="mean")
     loss = results.curves[results.curves["job_id"] == run["job_id"]].set_index("step")["train_loss"]
     order = [f"{2 * i}.{p}" for i in range(int(run["depth"])) for p in ("weight", "bias")]

@@ -8,7 +8,10 @@
    The results are synthesized, not trained: random arrays of the engine's shapes and
    dtypes (``BundleOutput``) turned into ``JobResult`` by ``bench.record.from_bundle``
    itself, so the tables are exactly what a sweep stores. Synthesis is timed apart.
-3. Growth: time (best of 2) and peak memory of ``engine.train`` on real (small) bundles,
+3. Report: ``bench.report.build`` (what ``python -m bench.report DIR`` and the end of a sweep
+   run: load the store, draw every figure, write report.html and the data files) on the
+   stores of step 2, timed in its own process with its peak RSS (target: under a minute).
+4. Growth: time (best of 2) and peak memory of ``engine.train`` on real (small) bundles,
    varying jobs, depth, width and steps one at a time around the target shape.
 
 Each measurement runs in a fresh subprocess (``python benchmarks/scale.py _<mode> ...``)
@@ -61,6 +64,7 @@ steps = 300
 log_every = 10
 """
 CHUNK = 100  # synthesized results per fake bundle
+SECTIONS = ("plan", "results", "report", "growth")
 
 BASE = {"K": 48, "depth": 6, "width": 64, "steps": 100}  # the target shape, 100 steps
 GROWTH = {"K": [12, 24, 48, 96], "depth": [2, 4, 8, 16], "width": [16, 64, 256], "steps": [50, 100, 200]}
@@ -90,7 +94,10 @@ def _fake_bundle(jobs, rng):
     data = tasks.load(job.task, job.task_params, job.seed)
     log_steps = np.arange(0, job.steps + 1, job.log_every)
     n_log = len(log_steps)
-    decay = np.exp(-np.arange(job.steps + 1) / 100.0)[:, None]
+    # Loss falls on a time scale set by the scheme, the learning rate and the seed (40 to ~800
+    # steps), so that the report's rankings, heatmaps and profiles have differences to show.
+    scale = np.array([40 * (0.2 / j.lr) ** 0.4 * (1 + 0.15 * INITS.index(j.init)) for j in jobs])
+    decay = np.exp(-np.arange(job.steps + 1)[:, None] / (scale * rng.uniform(0.85, 1.15, k)))
     losses = (decay * rng.uniform(0.5, 1.5, k) + 0.01 * rng.random((job.steps + 1, k))).astype(np.float32)
     stats = rng.random((n_log, k, job.depth, len(KINDS), len(STATS)), dtype=np.float32)
     stats[:, :, :, :2, STATS.index("dead_frac")] = np.nan  # weights and biases have no dead units
@@ -112,9 +119,11 @@ def _store(directory: str, n: int) -> dict:
     from bench import record, store
 
     jobs, sweep = _results_jobs(n)
-    db = store.Store.open(directory, fingerprint=sweep.fingerprint, meta={"spec_name": sweep.name},
-                          fresh=True)
     env = record.environment("cpu")
+    # The meta a sweep writes (bench.sweep), so that the report reads the grid's axes from it.
+    meta = {"spec_text": sweep.text, "spec_path": "", "spec_name": sweep.name,
+            "axes": [k for k, _ in sweep.grid], "env": env}
+    db = store.Store.open(directory, fingerprint=sweep.fingerprint, meta=meta, fresh=True)
     rng = np.random.default_rng(0)
     synth = add = 0.0
     rows = {"curves": 0, "layers": 0}
@@ -146,6 +155,24 @@ def _load(directory: str) -> dict:
     return {"load_s": seconds, "peak_rss_mb": peak_rss_mb(), "rss_before_mb": before,
             "frames_mb": sum(f.memory_usage(deep=True).sum() for f in frames.values()) / 2**20,
             **{f"{k}_rows": len(v) for k, v in frames.items()}}
+
+
+def _report(directory: str) -> dict:
+    import logging
+
+    from bench.report import build
+
+    # The report's own per-part timings (logged at DEBUG), to show where the time goes.
+    parts: list[str] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: parts.append(record.getMessage())
+    logger = logging.getLogger("bench.report")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    start = time.perf_counter()
+    path = build(directory)
+    return {"report_s": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(),
+            "html_mb": path.stat().st_size / 2**20, "log": parts}
 
 
 def _train(settings: str) -> dict:
@@ -222,6 +249,20 @@ def results_table(tmp: Path, sizes: list[int]) -> list[str]:
     return out
 
 
+def report_table(tmp: Path, sizes: list[int]) -> list[str]:
+    out = ["| jobs | build report (s) | peak RSS (MB) | report.html (MB) | < 60 s |", "|---|---|---|---|---|"]
+    notes = []
+    for n in sizes:
+        directory = tmp / f"results{n}"
+        if not (directory / "store.sqlite").is_file():  # the results section was skipped
+            child("_store", str(directory), str(n))
+        r = child("_report", str(directory))
+        out.append(f"| {n:,} | {r['report_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['html_mb']:.1f} | "
+                   f"{'met' if r['report_s'] < 60 else 'NOT met'} |")
+        notes += [f"- {n:,} jobs: {line}" for line in r["log"]]
+    return [*out, "", *notes]
+
+
 def growth_table() -> list[str]:
     out = ["| varied | K | depth | width | steps | train (s) | model-steps/s | peak RSS (MB) | "
            "RSS growth in training (MB) |", "|---|---|---|---|---|---|---|---|---|"]
@@ -238,22 +279,28 @@ def growth_table() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     modes = {"_store": lambda a: _store(a[0], int(a[1])), "_load": lambda a: _load(a[0]),
-             "_train": lambda a: _train(a[0])}
+             "_report": lambda a: _report(a[0]), "_train": lambda a: _train(a[0])}
     if argv and argv[0] in modes:
         print(json.dumps(modes[argv[0]](argv[1:])))
         return 0
     p = argparse.ArgumentParser(prog="python benchmarks/scale.py", description=__doc__.splitlines()[0])
     p.add_argument("--out", help="also write the tables to this markdown file")
-    p.add_argument("--results", default="1000,10000", help="job counts for the store/load table")
-    p.add_argument("--skip", default="", help="comma-separated sections to skip: plan,results,growth")
+    p.add_argument("--results", default="1000,10000", help="job counts for the store/load and report tables")
+    p.add_argument("--skip", default="", help=f"comma-separated sections to skip: {','.join(SECTIONS)}")
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
+    if skip - set(SECTIONS):
+        p.error(f"--skip {args.skip}: unknown section(s) {sorted(skip - set(SECTIONS))}; "
+                f"choose from {', '.join(SECTIONS)}")
+    sizes = [int(n) for n in args.results.split(",")]
     lines = [f"Measured {datetime.date.today()} on {platform.node()} ({os.cpu_count()} cores), "
              f"{THREADS} threads, Python {platform.python_version()}.", ""]
     with tempfile.TemporaryDirectory(prefix="initbench-scale-") as tmp:
         sections = [("plan", "Planning", lambda: planning_table(Path(tmp))),
                     ("results", "Storing and loading results (depth 16, 300 steps, log_every 10)",
-                     lambda: results_table(Path(tmp), [int(n) for n in args.results.split(",")])),
+                     lambda: results_table(Path(tmp), sizes)),
+                    ("report", "Building the HTML report of those results",
+                     lambda: report_table(Path(tmp), sizes)),
                     ("growth", f"Growth around the target shape ({BASE})", growth_table)]
         for key, title, make in sections:
             if key not in skip:

@@ -91,6 +91,12 @@ def log_ticks(axis) -> None:
         axis.set_minor_formatter(NullFormatter())
 
 
+def present(grid: Grid, schemes: pd.Series) -> list[str]:
+    """The grid's schemes that occur in ``schemes`` (a column), in the grid's order."""
+    seen = set(schemes.unique())  # once: a set built per scheme cost seconds on 10,000 jobs' traces
+    return [s for s in grid.schemes if s in seen]
+
+
 def legend(fig, grid: Grid, schemes=None, title: str = "scheme", **extra) -> None:
     """One legend for the whole figure, outside on the right: a line per scheme (colour + style)."""
     schemes = grid.schemes if schemes is None else schemes

@@ -13,6 +13,7 @@ from bench.report.figures import (
     log_ticks,
     plt,
     positive_floor,
+    present,
     style,
     text,
     to_uri,
@@ -46,7 +47,8 @@ def propagation_figure(grid: Grid, layers: pd.DataFrame) -> Figure:
     if runs.empty or layers.empty:
         return Figure(title, empty="no data: no job recorded per-layer statistics")
     runs, note = _deepest(grid, runs)
-    step0 = layers[(layers["step"] == layers["step"].min()) & layers["job_id"].isin(runs["job_id"])]
+    first = layers[layers["step"] == layers["step"].min()]  # before isin: a 30th of the rows to match
+    step0 = first[first["job_id"].isin(runs["job_id"])]
     panels = (("act", "std", "activation std (hidden layers)", "std of post-activation output"),
               ("weight", "grad_norm", "weight-gradient norm", "gradient norm of weight"))
     data = step0[step0["param"].isin(["act", "weight"])].merge(runs[["job_id", "scheme"]], on="job_id")
@@ -75,7 +77,7 @@ def propagation_figure(grid: Grid, layers: pd.DataFrame) -> Figure:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlim(-0.4, max(int(agg["layer"].max()) if len(agg) else 0, 1) + 0.4)
             log_ticks(ax.yaxis)
-        legend(fig, grid, [s for s in grid.schemes if s in set(data["scheme"])], marker="o")
+        legend(fig, grid, present(grid, data["scheme"]), marker="o")
         fig.suptitle(title, fontweight="bold")
     caption = ("Step 0, before any update: left, the standard deviation of each hidden layer's output "
                "(after the activation); right, the norm of each linear layer's weight gradient on the first "
@@ -138,7 +140,9 @@ def trajectory_figure(grid: Grid, layers: pd.DataFrame) -> Figure:
     picks = list(dict.fromkeys([0, n_layers // 2, n_layers - 1]))
     names = {0: "first layer", n_layers // 2: "middle layer", n_layers - 1: "last layer"}
     data = data[data["layer"].isin(picks)]
-    agg = data.groupby(["param", "layer", "scheme", "step"])[["mean", "std", "norm"]].median().reset_index()
+    # observed=True: param is categorical (bench.load); only the weight and bias groups exist here
+    agg = data.groupby(["param", "layer", "scheme", "step"], observed=True)[["mean", "std", "norm"]] \
+        .median().reset_index()
     with style():
         fig, axes = plt.subplots(2, 3, figsize=(13, 6.6), layout="constrained")
         for r, param in enumerate(("weight", "bias")):
@@ -158,8 +162,8 @@ def trajectory_figure(grid: Grid, layers: pd.DataFrame) -> Figure:
                     log_ticks(ax.yaxis)
                 scale = " (log scale)" if floor is not None else ""
                 ax.set(title=f"{param} {stat}", xlabel="training step", ylabel=f"{param} {stat}{scale}")
-        handles = [plt.Line2D([], [], color=grid.colors[s], lw=2.5, label=text(s)) for s in grid.schemes
-                   if s in set(agg["scheme"])]
+        handles = [plt.Line2D([], [], color=grid.colors[s], lw=2.5, label=text(s))
+                   for s in present(grid, agg["scheme"])]
         handles += [plt.Line2D([], [], color="#333", lw=1.8, ls=LINESTYLES[k], label=names[layer])
                     for k, layer in enumerate(picks)]
         fig.legend(handles=handles, loc="outside right center", title="scheme / layer", fontsize=8)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from bench.report.figures import LINESTYLES, Figure, legend, log_ticks, plt, style, text, to_uri
+from bench.report.figures import LINESTYLES, Figure, legend, log_ticks, plt, present, style, text, to_uri
 from bench.report.grid import Grid, cell_medians, fmt, label, match, median_ci, quartiles
 
 TRAINS_AT = 0.5  # a scheme "trains" at a depth when at least half of its seeds reach the target
@@ -49,7 +49,7 @@ def depth_figure(grid: Grid) -> Figure:
                 sub.suptitle(text(facet), fontsize=10.5, fontweight="bold", color="#444")
         stop_marker = plt.Line2D([], [], marker="X", ms=11, color="#999", mec="black", ls="none",
                                  label="stops training")
-        legend(fig, grid, [s for s in grid.schemes if s in set(runs["scheme"])], marker="o",
+        legend(fig, grid, present(grid, runs["scheme"]), marker="o",
                more=[stop_marker])
         fig.suptitle(title, fontweight="bold")
     tuned = (f"At each {scale} every scheme uses its own best {tune} (highest success rate, then fewest "
@@ -68,7 +68,7 @@ def _depth_row(axes, grid: Grid, rows: pd.DataFrame, scale: str, tune: str | Non
     keys = ["scheme", scale, *([tune] if tune else [])]
     chosen = rows.merge(best[keys], on=keys)
     stops = []
-    for i, scheme in enumerate(s for s in grid.schemes if s in set(best["scheme"])):
+    for i, scheme in enumerate(present(grid, best["scheme"])):
         b = best[best["scheme"] == scheme]
         color, ls = grid.colors[scheme], LINESTYLES[i % len(LINESTYLES)]
         axes[0].plot(b[scale].to_numpy(dtype=float), b["success"], marker="o", color=color, ls=ls, lw=2)
@@ -188,7 +188,7 @@ def curves_figure(grid: Grid, curves: pd.DataFrame) -> Figure:
         log_ticks(axes[0, 0].yaxis)
         diverged = [plt.Line2D([], [], marker="x", ms=8, mew=2, color="#555", ls="none",
                                label="seed diverged")] if any_diverged else []
-        legend(fig, grid, [s for s in grid.schemes if s in set(runs["scheme"])], more=diverged)
+        legend(fig, grid, present(grid, runs["scheme"]), more=diverged)
         fig.suptitle(title, fontweight="bold")
     caption = ("Train loss (mean minibatch loss per logging window) against step: the line is the median "
                "over seeds, the band their interquartile range (25% to 75%); x marks where a seed diverged "
