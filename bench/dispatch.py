@@ -9,6 +9,8 @@ them as they arrive, so a killed sweep loses only the bundles in flight.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import logging
 import math
 import os
@@ -132,6 +134,27 @@ def plan(jobs: list[Job], devices: list[str], *, max_bundle: int = 64, memory_mb
     return placed
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
+
+
+@functools.cache  # once per process
+def keep_freed_memory() -> None:
+    """Let this process reuse the memory it frees instead of handing it back to the system (glibc).
+
+    A training step allocates and frees the same few-MB tensors over and over; by default glibc
+    returns such blocks to the system and every next step page-faults them back in, zeroed.
+    That cost about 10 % of a bundle's step on our 2-core VM (docs/performance.md). The process
+    then keeps its peak heap until it exits, which a sweep or worker process does anyway.
+    No-op where the C library has no ``mallopt`` (macOS, musl).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_TRIM_THRESHOLD, 2**30)  # keep up to 1 GiB of freed heap
+    mallopt(_M_MMAP_THRESHOLD, 2**28)  # blocks below 256 MiB come from the heap, not fresh mappings
+
+
 def run_bundle(jobs: tuple[Job, ...], cfg: MetricsConfig, device: str, threads: int) -> list[JobResult]:
     """Train one bundle in this process and return its results; never raises for a job's error.
 
@@ -139,6 +162,7 @@ def run_bundle(jobs: tuple[Job, ...], cfg: MetricsConfig, device: str, threads: 
     jobs). Any other error retries the jobs one at a time, so one bad job cannot take its
     bundle-mates down; a job that still raises becomes a ``failed`` row with its error.
     """
+    keep_freed_memory()
     if threads:
         torch.set_num_threads(threads)
     if device.startswith("cuda"):

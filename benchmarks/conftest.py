@@ -28,7 +28,7 @@ import bench  # noqa: F401 - before torch: it sets the OpenMP spin policy torch 
 import torch
 # isort: on
 
-from bench import spec
+from bench import dispatch, spec
 from bench.spec import Job
 
 HERE = Path(__file__).resolve().parent
@@ -39,6 +39,8 @@ THREADS = int(os.environ.get("INITBENCH_BENCH_THREADS", "2"))
 # One thread count for the whole session, set before anything runs: both sides of a
 # comparison must get the same cores, and changing it mid-run restarts the OpenMP pool.
 torch.set_num_threads(THREADS)
+# Freed memory is reused, as in every process that trains a sweep's bundles (both sides benefit).
+dispatch.keep_freed_memory()
 
 
 @pytest.hookimpl(tryfirst=True)
