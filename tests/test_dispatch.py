@@ -66,10 +66,9 @@ if sys.argv[1] == "keep":
     dispatch.keep_freed_memory()
 def faults_per_step():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(20):  # a training step's pattern: a few-MB tensor per layer, all freed at the end
-        step = [torch.ones(2**20) for _ in range(8)]
-        del step
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20
+    for _ in range(5):  # allocate, use, free: 64 MB, above any size glibc serves from its heap by default
+        torch.ones(2**24).add_(1)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
 faults_per_step()
 print(faults_per_step())
 """
@@ -83,5 +82,7 @@ def test_a_training_process_reuses_freed_memory_instead_of_faulting_it_back_in()
         assert done.returncode == 0, done.stderr
         return float(done.stdout)
 
-    assert faults("default") > 1000  # 8 x 4 MB is 8,192 pages, most mapped afresh each step
+    # The engine's tensors are smaller (a few MB), and whether glibc returns them depends on the
+    # heap's history; 64 MB is mapped afresh (16,384 pages) on every allocation, always.
+    assert faults("default") > 10_000
     assert faults("keep") < 10
