@@ -176,12 +176,14 @@ def _report(directory: str) -> dict:
 
 
 def _train(settings: str) -> dict:
+    # isort: off
+    from bench import dispatch, engine, spec  # bench before torch: its OpenMP setting, as in a sweep
     import torch
-
-    from bench import engine, spec
+    # isort: on
 
     cfg = json.loads(settings)
     torch.set_num_threads(int(THREADS))
+    dispatch.keep_freed_memory()  # as every process that trains a sweep's bundles does
     base = spec.load(HERE / "specs" / "target.toml").jobs()
     # K jobs: the target's 48, then the same grid with further seeds.
     jobs = [dataclasses.replace(base[i % len(base)], seed=base[i % len(base)].seed + 3 * (i // len(base)),
