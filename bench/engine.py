@@ -182,6 +182,7 @@ def train(jobs: list[Job], *, divergence_ratio: float = 10.0, device: str = "cpu
     W, B = params[0::2], params[1::2]
     opt = _Optimizer(jobs, flat)
     _, act_fn = models.activation(ref.activation)
+    act_inplace = models.INPLACE.get(ref.activation, act_fn)  # when a step records no preactivations
 
     x_train = torch.stack([d.x_train for d in data]).to(dev)
     y_train = torch.stack([d.y_train for d in data]).to(dev)
@@ -198,7 +199,7 @@ def train(jobs: list[Job], *, divergence_ratio: float = 10.0, device: str = "cpu
         h = x
         for i in range(ref.depth):
             z = torch.baddbmm(B[i].unsqueeze(1), h, W[i].transpose(1, 2))
-            h = act_fn(z) if i < ref.depth - 1 else z
+            h = (act_fn if record is not None else act_inplace)(z) if i < ref.depth - 1 else z
             if record is not None:
                 record.append((z, h if i < ref.depth - 1 else None))
         return h

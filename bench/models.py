@@ -28,6 +28,16 @@ ACTIVATIONS: dict[str, tuple[Callable[[], nn.Module], Callable[[torch.Tensor], t
     "linear": (nn.Identity, lambda x: x),
 }
 
+# In-place forms, for steps that keep no preactivations: each one's backward needs only its
+# output, so autograd allows overwriting the input (GELU's needs the input: not here).
+INPLACE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": torch.relu_,
+    "tanh": torch.tanh_,
+    "leaky_relu": lambda x: F.leaky_relu_(x, LEAKY_SLOPE),
+    "sigmoid": torch.sigmoid_,
+    "linear": lambda x: x,
+}
+
 
 def activation(name: str) -> tuple[Callable[[], nn.Module], Callable[[torch.Tensor], torch.Tensor]]:
     """Look up an activation; unknown names fail loudly with the choices."""

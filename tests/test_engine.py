@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import engine, spec
+from bench import engine, models, spec
 from bench.engine import KINDS, STATS
 from bench.reference import train_plain
 
@@ -72,6 +72,15 @@ def test_classification_cross_entropy_matches_plain_loop():
                                'name = "spirals"\nn_train = 256'))
     out = assert_matches_plain(jobs)
     assert np.isfinite(out.val_acc).all() and (out.val_acc <= 1).all()
+
+
+@pytest.mark.parametrize("activation", sorted(models.ACTIVATIONS))
+def test_every_activation_matches_plain_loop(activation):
+    # Steps without probes apply the in-place form of the activation (models.INPLACE), probe
+    # steps the plain one: both must train exactly as nn.Sequential does.
+    jobs = jobs_from(make_spec('init = ["xavier_normal"]\nlr = [0.03]\nseed = [0, 1]', "momentum = 0.9",
+                               f'width = 12\ndepth = 3\nactivation = "{activation}"'))
+    assert_matches_plain(jobs)
 
 
 def test_job_numbers_do_not_depend_on_the_bundle():
