@@ -2,7 +2,7 @@
 
 Each job's model is first built and initialized as a plain ``nn.Sequential``
 (:func:`build_model`), exactly as a classic training loop would; its
-parameters are then stacked into ``(K, out, in)`` tensors and trained with
+parameters are then stacked into ``(K, in, out)`` tensors and trained with
 batched matmuls. Losses are summed over jobs, so job k's gradient is exactly
 d loss_k / d params_k: jobs never influence each other, and a job's numbers do
 not depend on which bundle it ran in (tests/test_engine.py checks this against
@@ -171,12 +171,17 @@ def train(jobs: list[Job], *, divergence_ratio: float = 10.0, device: str = "cpu
     classes = data[0].classes
     built = [build_model(j, d) for j, d in zip(jobs, data)]
     # Job k's parameters, in nn.Sequential's order (W1, b1, W2, ...), are row k of one flat
-    # buffer; the layers' stacked tensors are leaf views into it, so autograd sees (K, out, in)
-    # weights while the optimizer updates the whole buffer at once.
-    flat = torch.stack([torch.cat([p.detach().flatten() for p in m.parameters()]) for m in built]).to(dev)
+    # buffer; the layers' stacked tensors are leaf views into it, so autograd sees (K, in, out)
+    # weights and (K, out) biases while the optimizer updates the whole buffer at once. Weights
+    # are stored transposed (x @ W, not x @ W^T): the gradient bmm then comes out in the
+    # weight's own layout, and autograd does not copy it into that layout every step.
+    def stored(p: torch.Tensor) -> torch.Tensor:
+        return p.detach().t() if p.dim() == 2 else p.detach()
+
+    flat = torch.stack([torch.cat([stored(p).flatten() for p in m.parameters()]) for m in built]).to(dev)
     params, offsets, at = [], [], 0
     for p in built[0].parameters():
-        params.append(flat[:, at:at + p.numel()].view(K, *p.shape).requires_grad_())
+        params.append(flat[:, at:at + p.numel()].view(K, *stored(p).shape).requires_grad_())
         offsets.append((at, at + p.numel()))
         at += p.numel()
     W, B = params[0::2], params[1::2]
@@ -198,7 +203,7 @@ def train(jobs: list[Job], *, divergence_ratio: float = 10.0, device: str = "cpu
     def forward(x: torch.Tensor, record: list | None) -> torch.Tensor:
         h = x
         for i in range(ref.depth):
-            z = torch.baddbmm(B[i].unsqueeze(1), h, W[i].transpose(1, 2))
+            z = torch.baddbmm(B[i].unsqueeze(1), h, W[i])
             h = (act_fn if record is not None else act_inplace)(z) if i < ref.depth - 1 else z
             if record is not None:
                 record.append((z, h if i < ref.depth - 1 else None))
@@ -260,7 +265,8 @@ def train(jobs: list[Job], *, divergence_ratio: float = 10.0, device: str = "cpu
         if not bool(active.any()):
             break
 
-    final = [[p[k].detach().cpu().clone() for p in params] for k in range(K)] if keep_params else []
+    final = ([[stored(p[k]).cpu().clone() for p in params] for k in range(K)]  # back to (out, in)
+             if keep_params else [])
     return BundleOutput(log_steps=log_steps, losses=losses.cpu().numpy(), val_loss=val_loss.cpu().numpy(),
                         val_acc=val_acc.cpu().numpy(), grad_norm=grad_norm.cpu().numpy(),
                         layer_stats=layer_stats.cpu().numpy(), diverged_at=diverged_at,
