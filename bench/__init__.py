@@ -10,7 +10,7 @@ import os
 # use; read when torch is first imported; a user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins).
 # The default spin made a bundle 20-40x slower on a busy machine, where a spinning thread waits
 # for a descheduled partner; sleeping at once (PASSIVE) made every operator pay a wake-up, about
-# 1.5x slower on an idle machine. 1000 spins keeps most of both (docs/performance.md, "Load").
+# 1.3x slower on an idle machine. 1000 spins keeps most of both (docs/performance.md, "Load").
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 

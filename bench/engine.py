@@ -160,7 +160,8 @@ def train(jobs: list[Job], *, divergence_ratio: float = 10.0, device: str = "cpu
         divergence_ratio: a job whose minibatch loss is non-finite or exceeds this times
             its step-0 loss is diverged: it stops training; the others go on.
         device: a torch device string.
-        probes: record per-layer statistics (False only to measure their cost).
+        probes: record per-layer statistics and gradient norms (False only to measure their
+            cost; the validation loss is recorded either way).
         keep_params: return each job's final parameters (for tests).
     """
     ref = jobs[0]
@@ -222,7 +223,8 @@ def train(jobs: list[Job], *, divergence_ratio: float = 10.0, device: str = "cpu
     li = 0
 
     for t in range(steps + 1):
-        probe = probes and li < n_log and log_steps[li] == t
+        logged = li < n_log and log_steps[li] == t  # validation loss, and the probes if on
+        probe = probes and logged
         idx = schedule[t].flatten()
         x = x_rows.index_select(0, idx).view(K, -1, d_in)
         record: list | None = [] if probe else None
@@ -248,6 +250,8 @@ def train(jobs: list[Job], *, divergence_ratio: float = 10.0, device: str = "cpu
         if probe:  # the state this step starts from: parameters, their gradients, activations
             with torch.no_grad():
                 _probe(layer_stats[li], grad_norm[li], W, B, record)
+        if logged:
+            with torch.no_grad():
                 vout = forward(x_val, None)
                 val_loss[li] = loss_per_job(vout, y_val, classes)
                 if classes is not None:
@@ -261,7 +265,7 @@ def train(jobs: list[Job], *, divergence_ratio: float = 10.0, device: str = "cpu
                 for j, (a, b) in enumerate(offsets):
                     layer_stats[li, :, j // 2, j % 2, STATS.index("update_ratio")] = \
                         delta[:, a:b].norm(dim=1) / before[:, a:b].norm(dim=1)
-        li += int(probe)
+        li += int(logged)
         if not bool(active.any()):
             break
 

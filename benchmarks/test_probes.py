@@ -1,6 +1,9 @@
 """What the probes cost: the target bundle trained with and without them, at log_every = 10.
 
 Overhead = (time with probes) / (time without) - 1, the median of back-to-back pairs.
+The probes are what watches every layer: statistics of weights, biases, gradients,
+update sizes, activations and preactivations, and the gradient norm. Both sides compute
+the validation loss every 10th step, as any training that records a curve does.
 Probes run every 10th step whatever the run length, so 50 steps stand for 300
 (``--bench-full``). Target: <= 15 %.
 """

@@ -198,4 +198,3 @@ def test_bundles_are_balanced_across_devices_by_estimated_cost():
     assert max(load.values()) - min(load.values()) <= biggest
     assert all(len({j.shape_key() for j in b.jobs}) == 1 for b in bundles)
     assert dispatch.choose_workers(bundles, devices) == 3
-
