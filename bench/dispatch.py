@@ -212,10 +212,15 @@ def choose_workers(bundles: list[Bundle], devices: list[str], jobs: int = 0) -> 
         return min(len(devices), len(bundles))
     if user_code:
         return max(2, min(os.cpu_count() or 1, len(bundles)))
-    workers = min(os.cpu_count() or 1, len(bundles))
+    cores = os.cpu_count() or 1
+    workers = min(cores, len(bundles))
     # One worker would train the bundles in the same order as this process, with the same
-    # threads, after seconds of start-up: only a pool of two or more buys parallelism.
-    return 0 if workers == 1 or sum(b.cost for b in bundles) < IN_PROCESS_FLOPS else workers
+    # threads, after seconds of start-up. On two cores, two one-thread workers train no faster
+    # than this process with two threads (measured: the canonical sweep took 16.0 s with the
+    # pool and 14.3 s in-process, docs/performance.md); more cores than a bundle's operators
+    # use well is where a pool pays.
+    small = sum(b.cost for b in bundles) < IN_PROCESS_FLOPS
+    return 0 if workers == 1 or cores <= 2 or small else workers
 
 
 class WorkerCrash(Exception):

@@ -30,7 +30,9 @@ batch_size = 16
 @pytest.mark.parametrize("cores, spec_text, user_code, expected", [
     (2, "[grid]\nseed = [0, 1]\n[train]\nsteps = 10\n", False, 0),  # tiny: a pool costs more than it saves
     (2, "[grid]\nseed = [0, 1]\n[train]\nsteps = 100000\n", False, 0),  # big, one bundle: no parallelism
-    (2, "[grid]\ndepth = [2, 4]\n[train]\nsteps = 100000\n", False, 2),  # two big bundles, two cores
+    (2, "[grid]\ndepth = [2, 4]\n[train]\nsteps = 100000\n", False, 0),  # two cores: threads do as well
+    (4, "[grid]\ndepth = [2, 4]\n[train]\nsteps = 100000\n", False, 2),  # two big bundles, four cores
+    (8, "[grid]\ndepth = [2, 4, 8]\n[train]\nsteps = 100000\n", False, 3),  # one worker per bundle
     (1, "[grid]\ndepth = [2, 4]\n[train]\nsteps = 100000\n", False, 0),  # one core
     (2, "[grid]\nseed = [0, 1]\n[train]\nsteps = 10\n", True, 2),  # user code is always isolated in workers
 ])
