@@ -57,8 +57,7 @@ name = "results{n}"
 init = {inits}
 lr = [0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2]
 seed = {seeds}
-[model]
-depth = 16
+{depth}
 [train]
 steps = 300
 log_every = 10
@@ -75,12 +74,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _results_jobs(n: int):
+def _results_jobs(n: int, depths: list[int]):
     from bench import spec
 
-    seeds = list(range(-(-n // (len(INITS) * 10))))
-    sweep = spec.parse(RESULTS_SPEC.format(n=n, inits=json.dumps(INITS), seeds=json.dumps(seeds)))
-    return sweep.jobs()[:n], sweep
+    seeds = list(range(-(-n // (len(INITS) * 10 * len(depths)))))
+    # One depth: a [model] setting, as the default workload always was; several: a grid axis.
+    depth = f"depth = {depths}" if len(depths) > 1 else f"[model]\ndepth = {depths[0]}"
+    text = RESULTS_SPEC.format(n=n, inits=json.dumps(INITS), seeds=json.dumps(seeds), depth=depth)
+    sweep = spec.parse(text)
+    # Grouped by depth, so that each synthesized bundle has one shape.
+    return sorted(sweep.jobs(), key=lambda j: j.depth)[:n], sweep
 
 
 def _fake_bundle(jobs, rng):
@@ -113,12 +116,12 @@ def _fake_bundle(jobs, rng):
                         dims=models.layer_dims(data.d_in, data.d_out, job.depth, job.width))
 
 
-def _store(directory: str, n: int) -> dict:
+def _store(directory: str, n: int, depths: list[int]) -> dict:
     import numpy as np
 
     from bench import record, store
 
-    jobs, sweep = _results_jobs(n)
+    jobs, sweep = _results_jobs(n, depths)
     env = record.environment("cpu")
     # The meta a sweep writes (bench.sweep), so that the report reads the grid's axes from it.
     meta = {"spec_text": sweep.text, "spec_path": "", "spec_name": sweep.name,
@@ -127,8 +130,8 @@ def _store(directory: str, n: int) -> dict:
     rng = np.random.default_rng(0)
     synth = add = 0.0
     rows = {"curves": 0, "layers": 0}
-    for i in range(0, len(jobs), CHUNK):
-        chunk = jobs[i: i + CHUNK]
+    by_depth = [[j for j in jobs if j.depth == d] for d in sorted({j.depth for j in jobs})]
+    for chunk in (group[i: i + CHUNK] for group in by_depth for i in range(0, len(group), CHUNK)):
         start = time.perf_counter()
         results = record.from_bundle(chunk, _fake_bundle(chunk, rng), sweep.metrics, 1.0, env)
         synth += time.perf_counter() - start
@@ -235,13 +238,13 @@ def planning_table(tmp: Path) -> list[str]:
     return out
 
 
-def results_table(tmp: Path, sizes: list[int]) -> list[str]:
+def results_table(tmp: Path, sizes: list[int], depths: list[int]) -> list[str]:
     out = ["| jobs | curve rows | layer rows | synthesize (s) | store (s) | store peak RSS (MB) | "
            "file (MB) | load (s) | load peak RSS (MB) | frames (MB) | store + load < 30 s, < 2 GB |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for n in sizes:
         directory = tmp / f"results{n}"
-        s = child("_store", str(directory), str(n))
+        s = child("_store", str(directory), str(n), json.dumps(depths))
         ld = child("_load", str(directory))
         ok = s["store_s"] + ld["load_s"] < 30 and max(s["peak_rss_mb"], ld["peak_rss_mb"]) < 2048
         out.append(f"| {n:,} | {s['curves']:,} | {s['layers']:,} | {s['synth_s']:.1f} | {s['store_s']:.1f} | "
@@ -251,13 +254,13 @@ def results_table(tmp: Path, sizes: list[int]) -> list[str]:
     return out
 
 
-def report_table(tmp: Path, sizes: list[int]) -> list[str]:
+def report_table(tmp: Path, sizes: list[int], depths: list[int]) -> list[str]:
     out = ["| jobs | build report (s) | peak RSS (MB) | report.html (MB) | < 60 s |", "|---|---|---|---|---|"]
     notes = []
     for n in sizes:
         directory = tmp / f"results{n}"
         if not (directory / "store.sqlite").is_file():  # the results section was skipped
-            child("_store", str(directory), str(n))
+            child("_store", str(directory), str(n), json.dumps(depths))
         r = child("_report", str(directory))
         out.append(f"| {n:,} | {r['report_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['html_mb']:.1f} | "
                    f"{'met' if r['report_s'] < 60 else 'NOT met'} |")
@@ -280,7 +283,7 @@ def growth_table() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    modes = {"_store": lambda a: _store(a[0], int(a[1])), "_load": lambda a: _load(a[0]),
+    modes = {"_store": lambda a: _store(a[0], int(a[1]), json.loads(a[2])), "_load": lambda a: _load(a[0]),
              "_report": lambda a: _report(a[0]), "_train": lambda a: _train(a[0])}
     if argv and argv[0] in modes:
         print(json.dumps(modes[argv[0]](argv[1:])))
@@ -288,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/scale.py", description=__doc__.splitlines()[0])
     p.add_argument("--out", help="also write the tables to this markdown file")
     p.add_argument("--results", default="1000,10000", help="job counts for the store/load and report tables")
+    p.add_argument("--depths", default="16",
+                   help="depths of the stored-results workload (several: a grid axis, jobs spread over them)")
     p.add_argument("--skip", default="", help=f"comma-separated sections to skip: {','.join(SECTIONS)}")
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -295,14 +300,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--skip {args.skip}: unknown section(s) {sorted(skip - set(SECTIONS))}; "
                 f"choose from {', '.join(SECTIONS)}")
     sizes = [int(n) for n in args.results.split(",")]
+    depths = [int(d) for d in args.depths.split(",")]
     lines = [f"Measured {datetime.date.today()} on {platform.node()} ({os.cpu_count()} cores), "
              f"{THREADS} threads, Python {platform.python_version()}.", ""]
     with tempfile.TemporaryDirectory(prefix="initbench-scale-") as tmp:
         sections = [("plan", "Planning", lambda: planning_table(Path(tmp))),
-                    ("results", "Storing and loading results (depth 16, 300 steps, log_every 10)",
-                     lambda: results_table(Path(tmp), sizes)),
+                    ("results", f"Storing and loading results (depth {args.depths}, 300 steps, log_every 10)",
+                     lambda: results_table(Path(tmp), sizes, depths)),
                     ("report", "Building the HTML report of those results",
-                     lambda: report_table(Path(tmp), sizes)),
+                     lambda: report_table(Path(tmp), sizes, depths)),
                     ("growth", f"Growth around the target shape ({BASE})", growth_table)]
         for key, title, make in sections:
             if key not in skip:
