@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from bench.errors import UserError
+from bench.schema import axis_column
 from bench.verdict import STORED, Cell
 
 FORMAT = "initbench-baseline"
@@ -88,7 +89,7 @@ def labels(cells: Sequence[Cell], axes: Sequence[str] = ()) -> dict[str, str]:
         return {c.key: " ".join(f"{k}={_show(c.settings.get(k, '-'))}" for k in keys) or "(all)"
                 for c in cells}
 
-    names = [a if not a.startswith("init_params.") else "init." + a.split(".")[-1] for a in axes]
+    names = [axis_column(a) for a in axes]
     keys = [k for k in dict.fromkeys(names) if k != "seed" and varies(k)]
     out = text(keys)
     if len(set(out.values())) < len(out):

@@ -21,6 +21,11 @@ Every metric is defined here once (and in the README's "Metrics" table):
   first hidden layer's at step 0 (1 with one hidden layer, NaN with none).
 - ``dead_frac_init`` / ``dead_frac_final``: fraction of hidden units whose output
   is zero for every sample of the probe batch, at step 0 / the last logged step.
+- ``symmetric_frac_init`` / ``symmetric_frac_final``: fraction of hidden units that are
+  copies of another unit of their layer (same incoming weights and bias, see
+  ``engine.distinct_frac``), at step 0 / the last logged step.
+- ``null_loss``: training loss of the best predictor that ignores its input (the
+  targets' mean for regression, the class frequencies for classification).
 - ``weight_growth``: norm of all weights at the last logged step over step 0
   (NaN when the initial weights are all zero).
 - ``signal_error``: median over layers of |log(measured / predicted)| preactivation
@@ -37,17 +42,23 @@ from bench.spec import MetricsConfig
 
 METRICS = ("steps_to_target", "final_loss", "best_loss", "loss_auc", "final_val_loss", "final_val_acc",
            "diverged_at", "n_spikes", "grad_ratio_init", "act_ratio_init", "dead_frac_init",
-           "dead_frac_final", "weight_growth", "signal_error")
-PATHOLOGIES = ("vanishing_gradients", "exploding_gradients", "exploding_weights", "dead_units", "stalled",
-               "diverged")
+           "dead_frac_final", "symmetric_frac_init", "symmetric_frac_final", "weight_growth",
+           "null_loss", "signal_error")
+PATHOLOGIES = ("vanishing_gradients", "exploding_gradients", "vanishing_activations", "exploding_activations",
+               "exploding_weights", "dead_units", "symmetric_units", "stalled", "diverged")
 
 
 def window_means(losses: np.ndarray, log_steps: np.ndarray, log_every: int) -> np.ndarray:
-    """Mean minibatch loss over (s - log_every, s] for each logged step s (NaN-aware)."""
+    """Mean minibatch loss over (s - log_every, s] for each logged step s.
+
+    NaN entries (steps after a job diverged) are skipped; an infinite loss is kept, so a window
+    holding the step a job overflowed at (step 0 itself, for a net that explodes at its start)
+    reads inf, not the mean of the steps before it.
+    """
     out = np.full(len(log_steps), np.nan)
     for i, s in enumerate(log_steps):
         window = losses[max(0, s - log_every + 1): s + 1]
-        window = window[np.isfinite(window)]
+        window = window[~np.isnan(window)]
         if len(window):
             out[i] = window.mean()
     return out
@@ -90,21 +101,32 @@ def signal_error(measured: np.ndarray, predicted: np.ndarray) -> float:
 
 def _ratio(num: float, den: float) -> float:
     num, den = float(num), float(den)
+    if np.isnan(num) or np.isnan(den):  # an unmeasured or non-finite side: no ratio
+        return float("nan")
     if den > 0:
         return num / den
     return float("nan") if num == 0 else float("inf")
 
 
+def _mean_units(layers: np.ndarray, widths: np.ndarray) -> float:
+    """Unit-weighted mean of a per-layer share over the layers that measured it (NaN if none did)."""
+    ok = np.isfinite(layers)
+    return float(np.sum(layers[ok] * widths[ok]) / np.sum(widths[ok])) if ok.any() else float("nan")
+
+
 def job_metrics(log_steps: np.ndarray, train_loss: np.ndarray, val_loss: np.ndarray, val_acc: np.ndarray,
                 layer_stats: np.ndarray, diverged_at: int, total_steps: int,
-                cfg: MetricsConfig) -> dict[str, float]:
+                cfg: MetricsConfig, null_loss: float = float("nan"),
+                widths: np.ndarray | None = None) -> dict[str, float]:
     """All metrics of one job from its logged curves and its layer stats (n_log, depth, kinds, stats).
 
-    Curves passed here are already truncated at divergence.
+    Curves passed here end at the step the job diverged at (kept when logged: the state it
+    diverged from). ``null_loss`` is the null model's training loss (``TaskData.null_loss``);
+    ``widths`` the number of units of each hidden layer (default: equal widths).
     """
     w, a = KINDS.index("weight"), KINDS.index("act")
     std, norm, grad = STATS.index("std"), STATS.index("norm"), STATS.index("grad_norm")
-    dead = STATS.index("dead_frac")
+    dead, distinct = STATS.index("dead_frac"), STATS.index("distinct_frac")
     diverged = diverged_at >= 0
     initial = train_loss[0] if len(train_loss) else float("nan")
     target = cfg.target_loss if cfg.target_loss is not None else cfg.target_ratio * initial
@@ -124,9 +146,15 @@ def job_metrics(log_steps: np.ndarray, train_loss: np.ndarray, val_loss: np.ndar
     m["grad_ratio_init"] = _ratio(s0[0, w, grad], s0[depth - 1, w, grad])
     hidden = depth - 1
     m["act_ratio_init"] = (float("nan") if hidden < 1
-                           else _ratio(s0[hidden - 1, a, std] ** 2, s0[0, a, std] ** 2))
+                           else _ratio(float(s0[hidden - 1, a, std]) ** 2, float(s0[0, a, std]) ** 2))
     m["dead_frac_init"] = float(np.mean(s0[:hidden, a, dead])) if hidden else float("nan")
     m["dead_frac_final"] = float(np.mean(s1[:hidden, a, dead])) if hidden else float("nan")
+    units = np.ones(hidden) if widths is None else np.asarray(widths, float)
+    m["symmetric_frac_init"] = 1 - _mean_units(s0[:hidden, w, distinct], units)
+    m["symmetric_frac_final"] = 1 - _mean_units(s1[:hidden, w, distinct], units)
+    # A hidden activation that is no longer a finite number at step 0 has exploded past float32.
+    m["act_overflow_init"] = float(hidden > 0 and not np.isfinite(s0[:hidden, a, std]).all())
+    m["null_loss"] = float(null_loss)
     w0, w1 = np.sqrt(np.sum(s0[:, w, norm] ** 2)), np.sqrt(np.sum(s1[:, w, norm] ** 2))
     m["weight_growth"] = float(w1 / w0) if w0 > 0 else float("nan")
     m["first_grad_init"] = float(s0[0, w, grad])
@@ -141,12 +169,22 @@ def pathologies(m: dict[str, float], cfg: MetricsConfig) -> list[str]:
         flags.append("vanishing_gradients")
     if ratio > cfg.exploding_ratio:
         flags.append("exploding_gradients")
+    act = m["act_ratio_init"]
+    if np.isfinite(act) and act < cfg.vanishing_act_ratio:
+        flags.append("vanishing_activations")
+    if act > cfg.exploding_act_ratio or m.get("act_overflow_init", 0.0) > 0:
+        flags.append("exploding_activations")
     if m["weight_growth"] > cfg.weight_growth_max:
         flags.append("exploding_weights")
     if max(np.nan_to_num(m["dead_frac_init"]), np.nan_to_num(m["dead_frac_final"])) > cfg.dead_max:
         flags.append("dead_units")
+    if m.get("symmetric_frac_final", np.nan) > cfg.symmetric_max:
+        flags.append("symmetric_units")
+    # Progress is measured from the better of the start and the null model: learning the output
+    # bias alone takes a net from its initial loss to the null loss, and that is not learning.
+    reference = np.nanmin([m["initial_loss"], m.get("null_loss", np.nan)])
     if np.isnan(m["diverged_at"]) and np.isnan(m["steps_to_target"]) and \
-            m["best_loss"] > cfg.stall_ratio * m["initial_loss"]:
+            m["best_loss"] > cfg.stall_ratio * reference:
         flags.append("stalled")
     if np.isfinite(m["diverged_at"]):
         flags.append("diverged")
@@ -187,6 +225,12 @@ def summarize(results, by: list[str] | None = None, metrics: tuple[str, ...] = S
     runs = results if isinstance(results, pd.DataFrame) else results.runs
     if by is None:
         by = [c for c in getattr(results, "axes", []) if c != "seed"] or ["init"]
+    by = [by] if isinstance(by, str) else list(by)
+    missing = [c for c in by if c not in runs.columns]
+    if missing:
+        # A list as long as the table that names no columns would be taken by pandas as group labels.
+        raise KeyError(f"summarize: no column {missing} in the runs table; group by settings such as "
+                       f"{[c for c in getattr(results, 'axes', []) if c != 'seed'] or ['init']}")
     rows = []
     for key, group in runs.groupby(by, dropna=False, sort=True):
         key = key if isinstance(key, tuple) else (key,)

@@ -81,19 +81,21 @@ def _trace_rows(depth: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _traces(out: BundleOutput, code: np.ndarray, index: np.ndarray, predicted: np.ndarray) -> np.ndarray:
-    """Every job's layer-trace values: (K, n_log, rows per step, STATS + q + q_pred), float32.
+    """Every job's layer-trace values: (K, n_log, rows per step, STATS + q + q_pred), float64.
 
     Job-major, so that each job's rows are one contiguous run of the bundle's table. ``q`` is the
     measured second moment (mean^2 + std^2) of activations and preactivations, NaN for weights and
     biases; ``q_pred`` is theory's prediction (``predicted``, (K, depth)) on the step-0 preactivations.
+    Kept in float64 until stored (as float32): a second moment overflows float32 when the std
+    passes 1.8e19, which an exploding net's deep layers reach while their entries are finite.
     """
     n_log, k, depth = out.layer_stats.shape[:3]
-    block = np.full((k, n_log, len(index), len(STATS) + 2), np.nan, dtype=np.float32)
+    block = np.full((k, n_log, len(index), len(STATS) + 2), np.nan)
     stats = out.layer_stats.reshape(n_log, k, depth * len(KINDS), len(STATS))[:, :, index]
     block[..., :len(STATS)] = stats.transpose(1, 0, 2, 3)
     signal = np.isin(code, [KINDS.index("preact"), KINDS.index("act")])
     mean, std = block[:, :, signal, STATS.index("mean")], block[:, :, signal, STATS.index("std")]
-    block[:, :, signal, _Q] = mean ** 2 + std ** 2  # in float32, like the stats it comes from
+    block[:, :, signal, _Q] = mean ** 2 + std ** 2
     preact = code == KINDS.index("preact")  # one row per layer, in layer order
     for i in np.flatnonzero(out.log_steps == 0):
         block[:, i, preact, _Q_PRED] = predicted
@@ -130,7 +132,8 @@ def from_bundle(jobs: list[Job], out: BundleOutput, cfg: MetricsConfig, wall_s: 
                            "grad_norm": out.grad_norm.T.ravel()})
     # Compact dtypes: 10,000 jobs' traces are tens of millions of rows (float32 stats, int32
     # indices, a categorical param).
-    values = block.reshape(-1, block.shape[-1])
+    with np.errstate(over="ignore"):  # beyond float32's range (3.4e38) a statistic is stored as inf
+        values = block.reshape(-1, block.shape[-1]).astype(np.float32)
     layers = pd.DataFrame({"step": np.tile(np.repeat(out.log_steps.astype(np.int32), rows), k_jobs),
                            "layer": np.tile(layer, k_jobs * n_log),
                            "param": pd.Categorical.from_codes(np.tile(code, k_jobs * n_log),
@@ -140,11 +143,13 @@ def from_bundle(jobs: list[Job], out: BundleOutput, cfg: MetricsConfig, wall_s: 
     results = []
     for k, job in enumerate(jobs):
         div = int(out.diverged_at[k])
-        # Log steps increase, so the steps before divergence are a prefix of them; step 0 is
-        # always recorded: it is the initialization itself.
-        n = max(1, int(np.searchsorted(out.log_steps, div))) if div >= 0 else n_log
+        # Log steps increase, so the steps up to divergence are a prefix of them. The step a job
+        # diverges at, when logged, is kept: its record is the state the job diverged from (at
+        # step 0, the initialization itself).
+        n = int(np.searchsorted(out.log_steps, div, side="right")) if div >= 0 else n_log
         m = metrics.job_metrics(out.log_steps[:n], train[k, :n], out.val_loss[:n, k], out.val_acc[:n, k],
-                                out.layer_stats[:n, k], div, job.steps, cfg)
+                                out.layer_stats[:n, k], div, job.steps, cfg,
+                                null_loss=float(out.null_loss[k]))
         m["signal_error"] = metrics.signal_error(block[k, at0][:, preact, _Q].ravel(), predicted[k])
         flags = metrics.pathologies(m, cfg)
         results.append(JobResult(job.job_id, job.settings(), "diverged" if div >= 0 else "ok",

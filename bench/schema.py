@@ -6,8 +6,22 @@ paying for a PyTorch import.
 """
 
 KINDS = ("weight", "bias", "act", "preact")  # what each layer's probe describes
-STATS = ("mean", "std", "absmax", "norm", "grad_norm", "update_ratio", "dead_frac")
+# distinct_frac: share of a hidden layer's units that are not copies of another (weight rows; step 0, last)
+STATS = ("mean", "std", "absmax", "norm", "grad_norm", "update_ratio", "dead_frac", "distinct_frac")
 STATUSES = ("ok", "diverged", "failed")
 CURVE_COLUMNS = ("step", "train_loss", "val_loss", "val_acc", "grad_norm")
 # q: second moment (mean^2 + std^2) of activations; q_pred: mean-field theory's prediction (step 0)
 LAYER_COLUMNS = ("step", "layer", "param", *STATS, "q", "q_pred")
+
+
+def axis_column(axis: str) -> str:
+    """The runs-table column of a grid axis: the one name every reader of results uses.
+
+    A scheme parameter's axis ``init_params.<scheme>.<param>`` is the column ``init.<param>`` (a job
+    has one scheme, so its parameters need no scheme in their name); every other axis (``depth``,
+    ``lr``, ``task.<param>``) is its own column.
+    """
+    parts = axis.split(".")
+    if parts[0] == "init_params" and len(parts) == 3:
+        return f"init.{parts[2]}"
+    return axis

@@ -129,9 +129,13 @@ class MetricsConfig:
     spike_ratio: float = 2.0  # a spike: logged loss > spike_ratio x the best logged loss so far
     vanishing_ratio: float = 1e-2  # grad_ratio_init below this: vanishing gradients
     exploding_ratio: float = 1e2  # grad_ratio_init above this: exploding gradients
+    # act_ratio_init is a ratio of variances, so these are the gradient thresholds squared
+    vanishing_act_ratio: float = 1e-4  # act_ratio_init below this: vanishing activations
+    exploding_act_ratio: float = 1e4  # act_ratio_init above this (or non-finite activations): exploding
     weight_growth_max: float = 10.0  # weight_growth above this: exploding weights
     dead_max: float = 0.5  # dead_frac_init or dead_frac_final above this: dead units
-    stall_ratio: float = 0.9  # best loss above stall_ratio x initial: stalled
+    symmetric_max: float = 0.5  # symmetric_frac_final above this: symmetric units
+    stall_ratio: float = 0.9  # best loss above stall_ratio x min(initial, null loss): stalled
 
 
 @dataclass(frozen=True)

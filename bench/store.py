@@ -24,7 +24,7 @@ import pandas as pd
 import pyarrow as pa
 
 from bench.errors import UserError
-from bench.schema import CURVE_COLUMNS, LAYER_COLUMNS
+from bench.schema import CURVE_COLUMNS, LAYER_COLUMNS, axis_column
 
 if TYPE_CHECKING:
     from bench.record import JobResult
@@ -180,8 +180,8 @@ class Results:
 
     @property
     def axes(self) -> list[str]:
-        """The grid's axes (settings that vary), in spec order."""
-        return list(self.meta.get("axes", []))
+        """The grid's axes (settings that vary), in spec order, as ``.runs`` columns (``axis_column``)."""
+        return list(dict.fromkeys(axis_column(a) for a in self.meta.get("axes", [])))
 
     @property
     def spec_text(self) -> str:

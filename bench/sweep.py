@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bench import cli
 from bench.errors import EXIT_FAILED, EXIT_OK
+from bench.schema import axis_column
 
 
 def _positive_int(text: str) -> int:
@@ -70,7 +71,7 @@ def _main(argv: Sequence[str] | None) -> int:
     from bench import record
 
     meta = {"spec_text": sweep.text, "spec_path": sweep.path, "spec_name": sweep.name,
-            "axes": [k for k, _ in sweep.grid], "env": record.environment(",".join(devices))}
+            "axes": [axis_column(k) for k, _ in sweep.grid], "env": record.environment(",".join(devices))}
     db = store.Store.open(out, fingerprint=sweep.fingerprint, meta=meta, fresh=args.fresh)
     done = db.finished()
     bundles, workers = _plan([j for j in jobs if j.job_id not in done], devices, runtime, args.jobs, backend)
@@ -143,18 +144,37 @@ def _print_summary(out: Path, resumed: int, counts: dict[str, int]) -> None:
                                                       runs["status"].value_counts().items())
           + (f" ({resumed} from an earlier run)" if resumed else ""))
     ok = runs[runs["status"] != "failed"]
-    if len(ok) and "depth" in ok:
-        # Never reaching the target counts as infinitely slow; ties go to the lower final loss.
-        cells = (ok.assign(steps=ok["steps_to_target"].fillna(float("inf")))
-                 .groupby(["depth", "init"]).agg(steps=("steps", "median"), loss=("final_loss", "median"))
-                 .reset_index().sort_values(["depth", "steps", "loss"]))
-        best = cells.groupby("depth").head(1)
-        best = best.assign(steps=best["steps"].map(lambda s: "never" if s == float("inf") else f"{s:g}"))
-        print("best init per depth (median steps_to_target over the grid; median final loss):")
-        print(best.rename(columns={"steps": "steps_to_target", "loss": "final_loss"}).to_string(index=False))
+    if len(ok):
+        print(best_schemes(ok, results.axes))
     failed = runs[runs["status"] == "failed"]
     for _, row in failed.head(5).iterrows():
         print(f"failed {row['job_id']}: {row['error']}", file=sys.stderr)
+
+
+SUMMARY_ROWS = 20  # the closing table stays a glance; the report has every cell
+
+
+def best_schemes(runs, axes: Sequence[str]) -> str:
+    """The closing table: per cell of the sweep's non-seed axes, the scheme with the fewest median steps.
+
+    Scheme columns (``init`` and its parameters' axes, ``init.<param>``) name the scheme; every other
+    axis is a cell. Never reaching the target counts as infinitely slow; ties go to the lower median
+    final loss.
+    """
+    axes = [a for a in dict.fromkeys(axes) if a != "seed" and a in runs]
+    scheme = [a for a in axes if a == "init" or a.startswith("init.")] or ["init"]
+    cell = [a for a in axes if a not in scheme]
+    table = (runs.assign(steps=runs["steps_to_target"].fillna(float("inf")))
+             .groupby(cell + scheme, dropna=False)
+             .agg(steps=("steps", "median"), loss=("final_loss", "median"))
+             .reset_index().sort_values([*cell, "steps", "loss"]))
+    best = table.groupby(cell, dropna=False).head(1) if cell else table.head(1)
+    best = best.assign(steps=best["steps"].map(lambda v: "never" if v == float("inf") else f"{v:g}"))
+    shown = best.rename(columns={"steps": "steps_to_target", "loss": "final_loss"})
+    title = (f"best init per {', '.join(cell)}" if cell else "best init") + \
+        " (median steps_to_target over seeds; median final loss):"
+    more = (f"\n... {len(shown) - SUMMARY_ROWS} more rows in report.html" if len(shown) > SUMMARY_ROWS else "")
+    return f"{title}\n{shown.head(SUMMARY_ROWS).to_string(index=False)}{more}"
 
 
 def write_report(out: Path, quiet: bool = False) -> None:

@@ -43,6 +43,22 @@ class TaskData:
     def d_out(self) -> int:
         return self.classes if self.classes is not None else self.y_train.shape[1]
 
+    @property
+    def null_loss(self) -> float:
+        """Training loss of the best predictor that ignores its input (the null model).
+
+        Regression: the MSE of predicting the training targets' mean (their variance, averaged
+        over outputs). Classification: the cross-entropy of predicting the training set's class
+        frequencies (their entropy, in nats). A network that learns only its output bias reaches
+        this loss, and no lower: ``stalled`` is judged against it (README, "Metrics").
+        """
+        y = self.y_train
+        if self.classes is None:
+            return float(((y.double() - y.double().mean(0)) ** 2).mean())
+        p = torch.bincount(y.flatten(), minlength=self.classes).double() / y.numel()
+        p = p[p > 0]
+        return float(-(p * p.log()).sum())
+
 
 def derive_seed(seed: int, stream: str) -> int:
     """An independent seed for one random stream (init, data, batches) of a job's seed."""

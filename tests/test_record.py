@@ -41,8 +41,8 @@ def reference(job, k: int, out: BundleOutput, cfg) -> record.JobResult:
     """One job's result built on its own, row filter by row filter."""
     depth = out.layer_stats.shape[2]
     div = int(out.diverged_at[k])
-    keep = out.log_steps < div if div >= 0 else np.ones(len(out.log_steps), dtype=bool)
-    keep[0] = True
+    # Up to and including the step the job diverged at: the state it diverged from.
+    keep = out.log_steps <= div if div >= 0 else np.ones(len(out.log_steps), dtype=bool)
     steps = out.log_steps[keep]
     train = metrics.window_means(out.losses[:, k], out.log_steps, job.log_every)[keep]
     curves = pd.DataFrame({"step": steps, "train_loss": train, "val_loss": out.val_loss[keep, k],
@@ -56,7 +56,11 @@ def reference(job, k: int, out: BundleOutput, cfg) -> record.JobResult:
     layers.insert(0, "step", np.repeat(steps.astype(np.int32), depth * len(KINDS)))
     layers = layers[~((layers["param"] == "act") & (layers["layer"] == depth - 1))].reset_index(drop=True)
     signal = layers["param"].isin(["preact", "act"])
-    layers["q"] = np.where(signal, layers["mean"] ** 2 + layers["std"] ** 2, np.nan).astype(np.float32)
+    mean, std = (stats.reshape(-1, len(STATS))[:, STATS.index(c)] for c in ("mean", "std"))
+    q = (mean.astype(float) ** 2 + std.astype(float) ** 2)  # float64 until stored
+    q = q[~((np.tile(np.arange(len(KINDS)), n * depth) == KINDS.index("act"))
+            & (np.tile(np.repeat(np.arange(depth), len(KINDS)), n) == depth - 1))]
+    layers["q"] = np.where(signal, q, np.nan).astype(np.float32)
     try:
         predicted = theory.predicted_preact_variance(job.init, job.activation, out.dims,
                                                      float(out.input_q[k]), params=dict(job.init_params),
@@ -67,8 +71,8 @@ def reference(job, k: int, out: BundleOutput, cfg) -> record.JobResult:
     layers["q_pred"] = np.float32(np.nan)
     layers.loc[first, "q_pred"] = predicted[layers.loc[first, "layer"].to_numpy()].astype(np.float32)
     m = metrics.job_metrics(steps, train, curves["val_loss"].to_numpy(), curves["val_acc"].to_numpy(),
-                            stats, div, job.steps, cfg)
-    m["signal_error"] = metrics.signal_error(layers.loc[first, "q"].to_numpy(), predicted)
+                            stats, div, job.steps, cfg, null_loss=float(out.null_loss[k]))
+    m["signal_error"] = metrics.signal_error(q[first.to_numpy()], predicted)
     return record.JobResult(job.job_id, job.settings(), "diverged" if div >= 0 else "ok", metrics=m,
                             pathologies=",".join(metrics.pathologies(m, cfg)), env={}, curves=curves,
                             layers=layers)
@@ -105,7 +109,8 @@ def synthetic(jobs, rng: np.random.Generator) -> BundleOutput:
                         val_acc=rng.random((len(log_steps), k), dtype=np.float32),
                         grad_norm=rng.random((len(log_steps), k), dtype=np.float32), layer_stats=stats,
                         diverged_at=diverged_at, init_loss=losses[0].copy(),
-                        input_q=rng.uniform(0.5, 1.5, k).astype(np.float32), dims=[5, 8, 8, 3])
+                        input_q=rng.uniform(0.5, 1.5, k).astype(np.float32), dims=[5, 8, 8, 3],
+                        null_loss=rng.uniform(0.5, 1.5, k))
 
 
 def test_synthetic_bundle_matches_reference(sweep: spec.Spec) -> None:
@@ -116,7 +121,8 @@ def test_synthetic_bundle_matches_reference(sweep: spec.Spec) -> None:
     got = record.from_bundle(jobs, out, sweep.metrics, 6.0, {})
     assert_same(got, [reference(job, k, out, sweep.metrics) for k, job in enumerate(jobs)])
     assert [r.status for r in got] == ["ok"] + ["diverged"] * 5
-    assert [len(r.curves) for r in got] == [5, 1, 1, 1, 3, 4]  # step 0, then steps before divergence
+    # step 0, then the steps up to divergence: a logged step it diverged at is its last record
+    assert [len(r.curves) for r in got] == [5, 1, 1, 2, 3, 5]
     assert np.isnan(got[-1].metrics["signal_error"]) and got[-1].layers["q_pred"].isna().all()
     assert all(r.wall_s == 1.0 for r in got)
 

@@ -23,6 +23,7 @@ import pandas as pd
 import seaborn as sns
 import tomllib
 
+from bench.schema import axis_column
 from bench.spec import MetricsConfig
 
 # Fixed scheme -> colour slot in seaborn's 'colorblind' palette, so that a scheme has the
@@ -143,7 +144,7 @@ def prepare(runs: pd.DataFrame, meta: dict[str, Any]) -> Grid:
     """Derive the report's view of a sweep from its runs table and stored metadata."""
     runs = runs.copy()
     spec = _spec_tables(meta.get("spec_text", ""))
-    grid_order: dict[str, list[Any]] = {k: list(v) for k, v in spec.get("grid", {}).items()
+    grid_order: dict[str, list[Any]] = {axis_column(k): list(v) for k, v in spec.get("grid", {}).items()
                                         if isinstance(v, list)}
     for col in runs.columns:
         runs[col] = _hashable(runs[col])
@@ -158,8 +159,8 @@ def prepare(runs: pd.DataFrame, meta: dict[str, Any]) -> Grid:
     runs["steps"] = runs["steps_to_target"].where(runs["steps_to_target"].notna(), np.inf)
     runs.loc[runs["status"] == "failed", "steps"] = np.nan
 
-    axes_meta = list(meta.get("axes", []))
-    param_cols = [f"init.{a.split('.')[-1]}" for a in axes_meta if a.startswith("init_params.")]
+    axes_meta = list(dict.fromkeys(axis_column(a) for a in meta.get("axes", [])))
+    param_cols = [a for a in axes_meta if a.startswith("init.")]
     param_cols = [c for c in dict.fromkeys(param_cols) if c in runs and runs[c].nunique() > 1]
     runs["scheme"] = runs["init"].astype(str)
     for col in param_cols:
@@ -237,6 +238,8 @@ def cell_medians(grid: Grid, rows: pd.DataFrame, by: list[str]) -> pd.DataFrame:
 
 def quartiles(frame: pd.DataFrame, by: list[str], column: str) -> pd.DataFrame:
     """Per group: ``median`` and the interquartile band ``low`` (25%) to ``high`` (75%) of ``column``."""
+    if frame.empty:  # unstack of an empty groupby has no quantile columns to name
+        return pd.DataFrame(columns=[*by, "low", "median", "high"])
     q = frame.groupby(by)[column].quantile([0.25, 0.5, 0.75]).unstack()
     q.columns = ["low", "median", "high"]
     return q.reset_index()

@@ -34,8 +34,16 @@ def _deepest(grid: Grid, runs: pd.DataFrame) -> tuple[pd.DataFrame, str]:
 
 
 def _log_axis(ax, values: np.ndarray, floor: float) -> None:
+    """Log-scale the y axis with zeros on the dotted ``floor``; a note instead when nothing is finite."""
+    values = np.asarray(values, dtype=float)
+    if not np.isfinite(values).any():  # e.g. every gradient NaN: a net that overflowed at step 0
+        ax.text(0.5, 0.5, "no finite values", ha="center", va="center", transform=ax.transAxes,
+                color="#666")
+        ax.set_yticks([])
+        return
     ax.set_yscale("log")
-    if (np.asarray(values) <= floor).any():
+    log_ticks(ax.yaxis)
+    if (values <= floor).any():
         ax.axhline(floor, color="#888", lw=0.8, ls=":")
         ax.annotate("exactly 0", (1.0, floor), xycoords=("axes fraction", "data"), ha="right", va="bottom",
                     fontsize=7, color="#555")
@@ -76,7 +84,6 @@ def propagation_figure(grid: Grid, layers: pd.DataFrame) -> Figure:
             ax.set(title=name, xlabel="layer index (0 = first)", ylabel=f"{ylabel} (log scale)")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlim(-0.4, max(int(agg["layer"].max()) if len(agg) else 0, 1) + 0.4)
-            log_ticks(ax.yaxis)
         legend(fig, grid, present(grid, data["scheme"]), marker="o")
         fig.suptitle(title, fontweight="bold")
     caption = ("Step 0, before any update: left, the standard deviation of each hidden layer's output "
@@ -118,7 +125,6 @@ def _theory_panel(ax, grid: Grid, preact: pd.DataFrame) -> None:
     handles, labels = ax.get_legend_handles_labels()
     keep = [(h, lab) for h, lab in zip(handles, labels) if lab in ("measured", "theory")]
     ax.legend(*zip(*keep), loc="best", fontsize=8, frameon=False)
-    log_ticks(ax.yaxis)
 
 
 def trajectory_figure(grid: Grid, layers: pd.DataFrame) -> Figure:
@@ -159,7 +165,6 @@ def trajectory_figure(grid: Grid, layers: pd.DataFrame) -> Figure:
                         ax.plot(a["step"], y, color=grid.colors[scheme], lw=1.8, ls=LINESTYLES[k])
                 if floor is not None:
                     _log_axis(ax, sub[stat].to_numpy(), floor)
-                    log_ticks(ax.yaxis)
                 scale = " (log scale)" if floor is not None else ""
                 ax.set(title=f"{param} {stat}", xlabel="training step", ylabel=f"{param} {stat}{scale}")
         handles = [plt.Line2D([], [], color=grid.colors[s], lw=2.5, label=text(s))

@@ -163,7 +163,9 @@ def curves_figure(grid: Grid, curves: pd.DataFrame) -> Figure:
         for ax, cell in zip(axes[0], cells, strict=True):
             sel = runs.loc[match(runs, cell), ["job_id", "scheme", "status"]]
             cur = curves[curves["job_id"].isin(sel["job_id"])].merge(sel, on="job_id")
-            cur = cur[cur["train_loss"] > 0]  # log scale
+            # Log scale: a loss that is not a positive finite number (a net that overflowed at
+            # step 0) has no place on it; the x of its seed's divergence is drawn where it can be.
+            cur = cur[np.isfinite(cur["train_loss"]) & (cur["train_loss"] > 0)]
             agg = quartiles(cur, ["scheme", "step"], "train_loss")
             ends = cur[cur["status"] == "diverged"].groupby("job_id").tail(1)
             for i, scheme in enumerate(grid.schemes):
