@@ -398,7 +398,13 @@ def table(fps: Sequence[Fingerprint]) -> str:
     cols = ["module", "shape", "parameter", "tensor", "fan_in", "fan_out", "n", "mean", "std", "std_fan",
             "min", "max", "absmax_fan", "kurtosis", "zeros", "ones", "scheme", "ks", "ks_p"]
     rows = [[_cell(getattr(fp, c)) for c in cols] for fp in fps]
-    return pd.DataFrame(rows, columns=cols).to_string(index=False)
+    out = pd.DataFrame(rows, columns=cols).to_string(index=False)
+    if any(fp.module.startswith("ConvTranspose") for fp in fps):
+        out += ("\nnote: fan_in and fan_out are PyTorch's (nn.init._calculate_fan_in_and_fan_out). For a "
+                "ConvTranspose weight (in_channels, out_channels, *kernel) that convention's fan_in is "
+                "out_channels x kernel size and its fan_out in_channels x kernel size: the reverse of the "
+                "inputs each output of the layer reads. Kaiming and the default init scale by this fan_in.")
+    return out
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -173,7 +173,8 @@ def best_schemes(runs, axes: Sequence[str]) -> str:
     shown = best.rename(columns={"steps": "steps_to_target", "loss": "final_loss"})
     title = (f"best init per {', '.join(cell)}" if cell else "best init") + \
         " (median steps_to_target over seeds; median final loss):"
-    more = (f"\n... {len(shown) - SUMMARY_ROWS} more rows in report.html" if len(shown) > SUMMARY_ROWS else "")
+    extra = len(shown) - SUMMARY_ROWS
+    more = f"\n... {extra} more rows in report.html" if extra > 0 else ""
     return f"{title}\n{shown.head(SUMMARY_ROWS).to_string(index=False)}{more}"
 
 

@@ -246,3 +246,15 @@ def test_corrupt_against_file_exits_2(tmp_path, capsys):
 def test_factory_that_is_not_a_module_builder_is_a_user_error(spec):
     with pytest.raises(UserError, match="--factory"):
         audit.load_factory(spec)()
+
+
+def test_conv_transpose_fans_are_explained_where_printed(capsys):
+    """PyTorch's fan_in of a transposed convolution is out_channels x kernel: the table says so."""
+    assert audit.main(["--modules", "ConvTranspose2d", "--draws", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith("ConvTranspose2d")]
+    weight = next(r for r in rows if r[3] == "weight" and r[1:3] == ["32->16", "k4"])
+    assert weight[5:7] == ["256", "512"]  # (32, 16, 4, 4): fan_in = 16 x 16, fan_out = 32 x 16
+    assert "out_channels x kernel size" in out
+    assert audit.main(["--modules", "Linear", "--draws", "2"]) == 0
+    assert "ConvTranspose" not in capsys.readouterr().out

@@ -68,7 +68,8 @@ def render(results, directory: Path) -> str:
         context["propagation"] = timed("propagation", network.propagation_figure, grid, results.layers)
         context["trajectories"] = timed("trajectories", network.trajectory_figure, grid, results.layers)
         context["pathologies"] = timed("pathologies", tables.pathologies, grid)
-        summary = timed("summary", summarize, grid.runs, ["scheme", "init", *grid.axes])
+        summary = timed("summary", summarize, grid.runs,
+                        ["scheme", "init", *grid.scheme_params, *grid.axes])
     runs = grid.runs.drop(columns=["steps"])
     context["files"] = timed("data files", tables.write_data, directory, runs, summary)
     log.debug("report timings: %s", ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))

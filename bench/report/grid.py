@@ -83,6 +83,7 @@ class Grid:
     reference: dict[str, Any]  # the most common value of each extra axis
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     has_seeds: bool = False
+    scheme_params: list[str] = field(default_factory=list)  # init.<param> axes folded into 'scheme'
 
     @property
     def cell_cols(self) -> list[str]:
@@ -185,7 +186,8 @@ def prepare(runs: pd.DataFrame, meta: dict[str, Any]) -> Grid:
     seeds = runs["seed"].nunique() if "seed" in runs else 1
     return Grid(runs=runs, schemes=schemes, colors=scheme_colors(schemes), axes=axes, values=values,
                 y_axis=y_axis, x_axis=x_axis, extras=extras, reference=reference,
-                metrics=_metrics_config(spec.get("metrics", {})), has_seeds=seeds > 1)
+                metrics=_metrics_config(spec.get("metrics", {})), has_seeds=seeds > 1,
+                scheme_params=param_cols)
 
 
 def _spec_tables(text: str) -> dict[str, Any]:
