@@ -179,7 +179,8 @@ def _child(client, experiment_id: str, parent: str, name: str, row: dict, settin
             if column in ("job_id", "step"):
                 continue
             values = curves[column].to_numpy(dtype=float)
-            points += [Metric(column, float(v), now, int(s)) for s, v in zip(steps, values) if not np.isnan(v)]
+            points += [Metric(column, float(v), now, int(s)) for s, v in zip(steps, values)
+                       if not np.isnan(v)]
     for key in metrics:
         value = plain(row[key])
         if value is not None and not (isinstance(value, float) and math.isnan(value)):

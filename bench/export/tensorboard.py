@@ -53,8 +53,8 @@ class Written:
 
     def __str__(self) -> str:
         extra = " with per-layer statistics" if self.layers else ""
-        return (f"tensorboard: {self.written} runs written{extra} to {self.out} ({self.skipped} already there); "
-                f"view with: tensorboard --logdir {self.out}")
+        return (f"tensorboard: {self.written} runs written{extra} to {self.out} "
+                f"({self.skipped} already there); view with: tensorboard --logdir {self.out}")
 
 
 def write(results, dest: str | Path, *, layers: bool = False) -> Written:
@@ -78,7 +78,8 @@ def write(results, dest: str | Path, *, layers: bool = False) -> Written:
         raise UserError(f"--to tensorboard {out}: cannot create the log directory ({err})") from None
     runs = results.runs
     if len(runs) > MANY_RUNS:
-        print(f"note: {len(runs)} runs; TensorBoard's dashboards get slow past a few hundred", file=sys.stderr)
+        print(f"note: {len(runs)} runs; TensorBoard's dashboards get slow past a few hundred",
+              file=sys.stderr)
     axes = [axis_column(a) for a in results.axes]
     # The axes first: the dashboard's columns follow the experiment's order.
     settings = sorted((c for c in settings_of(runs) if c != "seed"), key=lambda c: c not in axes)
@@ -171,8 +172,9 @@ def _hparams(runs: pd.DataFrame, settings: list[str]) -> tuple[list[dict], dict[
     return rows, domains
 
 
-def _write_experiment(writer_class, out: Path, hparams: list[dict], domains: dict, metrics: list[str]) -> None:
-    """The sweep's HParams experiment (all settings and metrics) in OUT's own event file, replacing an older one."""
+def _write_experiment(writer_class, out: Path, hparams: list[dict], domains: dict,
+                      metrics: list[str]) -> None:
+    """The sweep's HParams experiment (all settings and metrics) in OUT's own event file (replacing older)."""
     from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
     union: dict = {}
