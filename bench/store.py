@@ -177,6 +177,18 @@ class Results:
     curves: pd.DataFrame
     layers: pd.DataFrame
     meta: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None  # the store file these results were loaded from
+
+    def __repr__(self) -> str:
+        from bench.overview import text
+
+        return text(self)
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the same summary as ``repr``, as an escaped HTML table."""
+        from bench.overview import to_html
+
+        return to_html(self)
 
     @property
     def axes(self) -> list[str]:
@@ -233,7 +245,7 @@ def load(directory: str | Path, *, traces: bool = True) -> Results:
     runs = pd.DataFrame.from_records(records)
     ids = pd.Index([r["job_id"] for r in records], dtype=str)
     return Results(runs=runs, curves=curves.frame(ids, CURVE_COLUMNS),
-                   layers=layers.frame(ids, LAYER_COLUMNS), meta=meta)
+                   layers=layers.frame(ids, LAYER_COLUMNS), meta=meta, path=path)
 
 
 def _decode(rows) -> tuple[list[dict], _Columns, _Columns]:

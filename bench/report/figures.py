@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import sys
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import matplotlib
 
-matplotlib.use("Agg")  # before pyplot: the report is built on machines without a display
+# Before pyplot: the report is built on machines without a display. A backend the session already
+# chose (a notebook's inline backend, MPLBACKEND) is left alone, so bench.plot's figures show there.
+if "matplotlib.pyplot" not in sys.modules and "MPLBACKEND" not in os.environ:
+    matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
@@ -62,8 +68,31 @@ def style():
         yield
 
 
+_KEPT: ContextVar[list | None] = ContextVar("kept_figures", default=None)
+
+
+@contextmanager
+def keep():
+    """Inside this block :func:`to_uri` keeps each figure (in the yielded list) instead of rendering it.
+
+    This is how ``bench.plot`` hands the report's own figures to a notebook: the builders stay
+    the one place each figure is drawn.
+    """
+    kept: list = []
+    token = _KEPT.set(kept)
+    try:
+        yield kept
+    finally:
+        _KEPT.reset(token)
+
+
 def to_uri(fig: plt.Figure) -> str:
-    """Render a figure as a base64 PNG data URI (and free it)."""
+    """Render a figure as a base64 PNG data URI (and free it); inside :func:`keep`, keep it instead."""
+    kept = _KEPT.get()
+    if kept is not None:
+        plt.close(fig)  # out of pyplot's registry only: the caller owns it, and a notebook shows it once
+        kept.append(fig)
+        return ""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
