@@ -44,6 +44,8 @@ METRICS = ("steps_to_target", "final_loss", "best_loss", "loss_auc", "final_val_
            "diverged_at", "n_spikes", "grad_ratio_init", "act_ratio_init", "dead_frac_init",
            "dead_frac_final", "symmetric_frac_init", "symmetric_frac_final", "weight_growth",
            "null_loss", "signal_error")
+# Per-job numbers stored beside METRICS that the flags are computed from (not shown as metrics).
+INTERNAL = ("initial_loss", "first_grad_init", "act_overflow_init")
 PATHOLOGIES = ("vanishing_gradients", "exploding_gradients", "vanishing_activations", "exploding_activations",
                "exploding_weights", "dead_units", "symmetric_units", "stalled", "diverged")
 

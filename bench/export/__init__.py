@@ -43,8 +43,6 @@ TARGETS: dict[str, Target] = {
 # Columns of .runs that are neither settings nor metrics.
 BOOKKEEPING = ("job_id", "status", "error", "pathologies", "wall_s", "device", "host", "torch_version",
                "python", "initbench")
-# Per-job numbers the store keeps besides bench.metrics.METRICS.
-EXTRA_METRICS = ("initial_loss", "first_grad_init")
 
 
 def target(name: str) -> Target:
@@ -100,17 +98,17 @@ def export(directory: str | Path, to: str, dest: str | None = None, **options: A
 
 def metrics_of(runs) -> list[str]:
     """The metric columns of a runs table that hold a number for at least one job, in table order."""
-    from bench.metrics import METRICS
+    from bench.metrics import INTERNAL, METRICS
 
-    known = set(METRICS) | set(EXTRA_METRICS)
+    known = set(METRICS) | set(INTERNAL)
     return [c for c in runs.columns if c in known and runs[c].notna().any()]
 
 
 def settings_of(runs) -> list[str]:
     """The setting columns of a runs table (every column that is neither a metric nor bookkeeping)."""
-    from bench.metrics import METRICS
+    from bench.metrics import INTERNAL, METRICS
 
-    skip = set(METRICS) | set(EXTRA_METRICS) | set(BOOKKEEPING)
+    skip = set(METRICS) | set(INTERNAL) | set(BOOKKEEPING)
     return [c for c in runs.columns if c not in skip]
 
 
