@@ -19,6 +19,7 @@ import signal
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -351,6 +352,8 @@ def execute(bundles: list[Bundle], cfg: MetricsConfig, *, workers: int, backend:
             dask cluster is shut down.
     """
     stopping = stop.is_set if stop is not None else lambda: False
+    if stopping():
+        return  # before any worker or cluster is started
     if backend not in BACKENDS:
         raise UserError(f"--backend {backend!r}: choose from {list(BACKENDS)}")
     # Split the cores between workers so that their matmul threads don't oversubscribe (idle
@@ -419,8 +422,9 @@ def _pool(bundles: list[Bundle], cfg: MetricsConfig, workers: int, backend: str,
     with config, (dask.watchdog() if dask else contextlib.nullcontext()):
         parallel = Parallel(n_jobs=-1 if dask else workers, backend=None if dask else backend,
                             return_as="generator_unordered", pre_dispatch=pre_dispatch)
+        outputs = parallel(_tasks(bundles, cfg, threads, stopping))
         try:
-            for index, results in parallel(_tasks(bundles, cfg, threads, stopping)):
+            for index, results in outputs:
                 finished.add(index)
                 yield from _checked(results)
         except (BrokenProcessPool, *_dask_errors()) as err:
@@ -431,6 +435,12 @@ def _pool(bundles: list[Bundle], cfg: MetricsConfig, workers: int, backend: str,
             cause = "every dask worker was lost" if dask and dask.lost.is_set() else _crash_cause(err)
             raise WorkerCrash(cause, [bundles[i] for i in left if i < horizon],
                               [bundles[i] for i in left if i >= horizon]) from None
+        finally:
+            # Closed early (Ctrl-C, SIGTERM's grace ran out, the store cannot be written): joblib
+            # kills the workers and warns that their tasks were cancelled, which is the point.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", r"\d+ tasks (have been|which were)")
+                outputs.close()
 
 
 def _dask_errors() -> tuple[type[BaseException], ...]:

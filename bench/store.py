@@ -10,6 +10,7 @@ few concatenations rather than millions of row inserts.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -17,6 +18,7 @@ import resource
 import shutil
 import sqlite3
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -118,19 +120,45 @@ def _is_damage(err: Exception) -> bool:
 
 def damaged(path: Path, err: Exception) -> UserError:
     """A store that SQLite (or a blob's decoder) reports damaged: count what ``recover`` would keep."""
+    cause = f"{path}: the store is damaged ({_first_line(err)}); it is left as it is"
     try:
-        con = _read_only(path)
-        try:
-            dict(con.execute("SELECT key, value FROM meta").fetchall())
-            keep = f"{sum(1 for _ in _salvage(con))} jobs can be read back"
-        finally:
-            con.close()
+        with _readable_copy(path) as readable:
+            con = _read_only(readable)
+            try:
+                dict(con.execute("SELECT key, value FROM meta").fetchall())
+                n = sum(1 for _ in _salvage(con))
+            finally:
+                con.close()
     except sqlite3.Error:
-        keep = "its meta table is unreadable, so nothing can be recovered (rerun with --fresh)"
-    cause = _first_line(err)
-    return UserError(f"{path}: the store is damaged ({cause}); it is left as it is. {keep}: "
-                     f"`python -m bench.store recover {path.parent}` copies them into a fresh store "
-                     "(keeping the damaged file beside it), then the same sweep command trains the rest")
+        return UserError(f"{cause}; its meta table (which spec it holds) is unreadable too, so nothing "
+                         "can be recovered: move it away and rerun the sweep with --fresh")
+    return UserError(f"{cause}. {n} jobs can be read back: `python -m bench.store recover {path.parent}` "
+                     "copies them into a fresh store (keeping the damaged file beside it), then the same "
+                     "sweep command trains the rest")
+
+
+@contextlib.contextmanager
+def _readable_copy(path: Path) -> Iterator[Path]:
+    """``path``, or where it is shorter than its header says (a truncated copy), a copy padded with
+    zeros to that length: SQLite refuses a file shorter than its header's page count outright, and
+    padded, the pages that are there read back while the missing ones read as damaged."""
+    with open(path, "rb") as f:
+        header = f.read(100)
+    size = path.stat().st_size
+    page_size = int.from_bytes(header[16:18], "big") if len(header) == 100 else 0
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big") if len(header) == 100 else 0
+    if not page_size or pages * page_size <= size:
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix=".salvage-", dir=path.parent) as tmp:
+        copy = Path(tmp) / path.name
+        shutil.copyfile(path, copy)
+        with open(copy, "r+b") as f:
+            f.truncate(pages * page_size)
+        if Path(f"{path}-wal").exists():
+            shutil.copyfile(f"{path}-wal", f"{copy}-wal")
+        yield copy
 
 
 def _first_line(err: Exception) -> str:
@@ -538,7 +566,12 @@ def recover(directory: str | Path) -> tuple[int, int, Path | None]:
 
 
 def _recover(path: Path, directory: Path) -> tuple[int, int, Path | None]:
-    con = _read_only(path)
+    with _readable_copy(path) as readable:
+        return _copy_readable(readable, path, directory)
+
+
+def _copy_readable(readable: Path, path: Path, directory: Path) -> tuple[int, int, Path | None]:
+    con = _read_only(readable)
     try:
         try:
             meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
