@@ -15,10 +15,12 @@ import logging
 import math
 import os
 import re
+import signal
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -329,7 +331,7 @@ class _Dask:
 
 
 def execute(bundles: list[Bundle], cfg: MetricsConfig, *, workers: int, backend: str = "loky",
-            scheduler: str | None = None) -> Iterator[JobResult]:
+            scheduler: str | None = None, stop: threading.Event | None = None) -> Iterator[JobResult]:
     """Run bundles and yield each job's result as its bundle finishes.
 
     A worker that dies takes its bundle with it: the bundles that may have been running are
@@ -344,7 +346,14 @@ def execute(bundles: list[Bundle], cfg: MetricsConfig, *, workers: int, backend:
             the size of a local cluster (an existing cluster uses all its workers).
         backend: a joblib backend name (see :data:`BACKENDS`).
         scheduler: a dask scheduler address; without one, dask starts a local cluster.
+        stop: once set (the sweep got SIGTERM), no further bundle is started; the bundles already
+            handed to workers run on, their results are yielded, and the generator ends. Closing
+            the generator early abandons them instead: joblib kills the loky workers, and a local
+            dask cluster is shut down.
     """
+    stopping = stop.is_set if stop is not None else lambda: False
+    if stopping():
+        return  # before any worker or cluster is started
     if backend not in BACKENDS:
         raise UserError(f"--backend {backend!r}: choose from {list(BACKENDS)}")
     # Split the cores between workers so that their matmul threads don't oversubscribe (idle
@@ -359,6 +368,8 @@ def execute(bundles: list[Bundle], cfg: MetricsConfig, *, workers: int, backend:
         previous = torch.get_num_threads()
         try:
             for b in bundles:
+                if stopping():
+                    return
                 yield from _checked(run_bundle(b.jobs, cfg, b.device, threads))
         finally:
             torch.set_num_threads(previous)
@@ -370,12 +381,16 @@ def execute(bundles: list[Bundle], cfg: MetricsConfig, *, workers: int, backend:
         todo = list(bundles)
         while todo:
             try:
-                yield from _pool(todo, cfg, n, backend, threads, dask)
+                yield from _pool(todo, cfg, n, backend, threads, dask, stopping)
                 return
             except WorkerCrash as crash:
+                if stopping():  # e.g. SIGTERM sent to the whole process group: its jobs rerun on resume
+                    return
                 log.warning("%s; retrying %d bundles one job at a time", crash.cause, len(crash.suspects))
                 for b in crash.suspects:
                     for job in b.jobs:
+                        if stopping():
+                            return
                         if dask:
                             yield from dask.run_alone(job, cfg, b.device, crash.cause)
                         else:
@@ -388,11 +403,17 @@ def execute(bundles: list[Bundle], cfg: MetricsConfig, *, workers: int, backend:
                     todo = []
     finally:
         if dask:
-            dask.close()
+            try:
+                dask.close()
+            except BaseException:
+                # The sweep's grace period may run out (one exception, raised once) just as the
+                # cluster closes: close it again, so that no worker process outlives the sweep.
+                dask.close()
+                raise
 
 
 def _pool(bundles: list[Bundle], cfg: MetricsConfig, workers: int, backend: str, threads: int,
-          dask: _Dask | None) -> Iterator[JobResult]:
+          dask: _Dask | None, stopping: Callable[[], bool]) -> Iterator[JobResult]:
     """One joblib Parallel over bundles; a dead worker becomes :class:`WorkerCrash`."""
     pre_dispatch = 2 * max(workers, 1)
     finished: set[int] = set()
@@ -401,9 +422,9 @@ def _pool(bundles: list[Bundle], cfg: MetricsConfig, workers: int, backend: str,
     with config, (dask.watchdog() if dask else contextlib.nullcontext()):
         parallel = Parallel(n_jobs=-1 if dask else workers, backend=None if dask else backend,
                             return_as="generator_unordered", pre_dispatch=pre_dispatch)
+        outputs = parallel(_tasks(bundles, cfg, threads, stopping))
         try:
-            tasks = (delayed(_tagged)(i, b, cfg, threads) for i, b in enumerate(bundles))
-            for index, results in parallel(tasks):
+            for index, results in outputs:
                 finished.add(index)
                 yield from _checked(results)
         except (BrokenProcessPool, *_dask_errors()) as err:
@@ -414,6 +435,12 @@ def _pool(bundles: list[Bundle], cfg: MetricsConfig, workers: int, backend: str,
             cause = "every dask worker was lost" if dask and dask.lost.is_set() else _crash_cause(err)
             raise WorkerCrash(cause, [bundles[i] for i in left if i < horizon],
                               [bundles[i] for i in left if i >= horizon]) from None
+        finally:
+            # Closed early (Ctrl-C, SIGTERM's grace ran out, the store cannot be written): joblib
+            # kills the workers and warns that their tasks were cancelled, which is the point.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", r"\d+ tasks (have been|which were)")
+                outputs.close()
 
 
 def _dask_errors() -> tuple[type[BaseException], ...]:
@@ -431,15 +458,49 @@ def _dask_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _tasks(bundles: list[Bundle], cfg: MetricsConfig, threads: int, stopping: Callable[[], bool]) -> Iterator:
+    # joblib pulls from this as workers free up (from its callback thread): once the sweep is
+    # stopping, it gets nothing more, and Parallel ends when the bundles already out are done.
+    for i, b in enumerate(bundles):
+        if stopping():
+            return
+        yield delayed(_tagged)(i, b, cfg, threads)
+
+
 def _tagged(index: int, bundle: Bundle, cfg: MetricsConfig, threads: int) -> tuple[int, list[JobResult]]:
+    _leave_sigterm_to_the_sweep()
     return index, run_bundle(bundle.jobs, cfg, bundle.device, threads)
+
+
+def _alone(job: Job, cfg: MetricsConfig, device: str, threads: int) -> list[JobResult]:
+    _leave_sigterm_to_the_sweep()
+    return run_bundle((job,), cfg, device, threads)
+
+
+def _leave_sigterm_to_the_sweep() -> None:
+    """In a loky worker: ignore SIGTERM while the sweep that started this process is alive.
+
+    A scheduler (SLURM) may signal every process of a job, workers included. The sweep decides:
+    it lets the bundles in flight finish within its grace period, and then kills the workers
+    itself (joblib's abort, SIGKILL). A worker whose sweep is gone exits on SIGTERM as usual.
+    Does nothing in a thread (the threading backend, dask workers), where signals are not ours.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    sweep = os.getppid()
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        if os.getppid() != sweep:
+            os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def _isolated(job: Job, cfg: MetricsConfig, device: str, threads: int, cause: str) -> list[JobResult]:
     """Run one job alone in a fresh single worker process; its death is its failure."""
     executor = get_reusable_executor(max_workers=1)
     try:
-        return _checked(executor.submit(run_bundle, (job,), cfg, device, threads).result())
+        return _checked(executor.submit(_alone, job, cfg, device, threads).result())
     except BrokenProcessPool as err:
         return [record.failed(job, f"{_crash_cause(err)} while training this job alone "
                               f"(retried after its bundle's worker died: {cause})",

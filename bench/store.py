@@ -10,11 +10,17 @@ few concatenations rather than millions of row inserts.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import resource
+import shutil
 import sqlite3
+import sys
+import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +30,7 @@ import pandas as pd
 import pyarrow as pa
 
 from bench.errors import UserError
+from bench.lock import DirectoryLock
 from bench.schema import CURVE_COLUMNS, LAYER_COLUMNS, axis_column
 
 if TYPE_CHECKING:
@@ -71,37 +78,117 @@ def _from_blob(blob: bytes) -> pa.Table:
 def _connect(path: Path) -> sqlite3.Connection:
     try:
         con = sqlite3.connect(path, timeout=30.0)
-        # Read before any write: a foreign or corrupt file must be left byte for byte as it was.
+    except sqlite3.DatabaseError as err:
+        raise _unreadable(path, err) from None
+    try:
+        # Read before any write: a foreign, corrupt or damaged file must be left byte for byte as it was.
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if tables and not {"meta", "runs"} <= tables:
-            con.close()
             raise UserError(f"{path}: an SQLite file that is not an initbench store (tables "
                             f"{sorted(tables)}); refusing to touch it: move it away or choose another --out")
+        if tables:
+            # Every page once (about a second per GB): resuming into a damaged file could spread the damage.
+            problems = [r[0] for r in con.execute("PRAGMA quick_check(1)")]
+            if problems != ["ok"]:
+                first = problems[0].splitlines()[-1]
+                raise sqlite3.DatabaseError(f"database disk image is malformed: {first}")
         con.execute("PRAGMA journal_mode=WAL")
         con.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process kills
         return con
     except sqlite3.DatabaseError as err:
-        raise UserError(f"{path}: not a readable initbench store ({err}); "
-                        "move it away or use --fresh") from None
+        con.close()
+        raise _unreadable(path, err) from None
+    except UserError:
+        con.close()
+        raise
+
+
+def _unreadable(path: Path, err: sqlite3.DatabaseError) -> UserError:
+    """The one-line error for a store that cannot be read: damaged (say what a recovery would keep) or
+    not an SQLite file at all."""
+    if not _is_damage(err):
+        return UserError(f"{path}: not a readable initbench store ({err}); move it away or use --fresh")
+    return damaged(path, err)
+
+
+def _is_damage(err: Exception) -> bool:
+    if not isinstance(err, sqlite3.Error):
+        return True  # a blob or JSON field that no longer decodes
+    name = getattr(err, "sqlite_errorname", "")
+    return name.startswith("SQLITE_CORRUPT") or "malformed" in str(err) or "decode" in str(err)
+
+
+def damaged(path: Path, err: Exception) -> UserError:
+    """A store that SQLite (or a blob's decoder) reports damaged: count what ``recover`` would keep."""
+    cause = f"{path}: the store is damaged ({_first_line(err)}); it is left as it is"
+    try:
+        with _readable_copy(path) as readable:
+            con = _read_only(readable)
+            try:
+                dict(con.execute("SELECT key, value FROM meta").fetchall())
+                n = sum(1 for _ in _salvage(con))
+            finally:
+                con.close()
+    except sqlite3.Error:
+        return UserError(f"{cause}; its meta table (which spec it holds) is unreadable too, so nothing "
+                         "can be recovered: move it away and rerun the sweep with --fresh")
+    return UserError(f"{cause}. {n} jobs can be read back: `python -m bench.store recover {path.parent}` "
+                     "copies them into a fresh store (keeping the damaged file beside it), then the same "
+                     "sweep command trains the rest")
+
+
+@contextlib.contextmanager
+def _readable_copy(path: Path) -> Iterator[Path]:
+    """``path``, or where it is shorter than its header says (a truncated copy), a copy padded with
+    zeros to that length: SQLite refuses a file shorter than its header's page count outright, and
+    padded, the pages that are there read back while the missing ones read as damaged."""
+    with open(path, "rb") as f:
+        header = f.read(100)
+    size = path.stat().st_size
+    page_size = int.from_bytes(header[16:18], "big") if len(header) == 100 else 0
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big") if len(header) == 100 else 0
+    if not page_size or pages * page_size <= size:
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix=".salvage-", dir=path.parent) as tmp:
+        copy = Path(tmp) / path.name
+        shutil.copyfile(path, copy)
+        with open(copy, "r+b") as f:
+            f.truncate(pages * page_size)
+        if Path(f"{path}-wal").exists():
+            shutil.copyfile(f"{path}-wal", f"{copy}-wal")
+        yield copy
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 class Store:
-    """An open store for one sweep directory (see :meth:`open` and :func:`load`)."""
+    """An open store for one sweep directory (see :meth:`open` and :func:`load`), held by this process
+    alone (:class:`~bench.lock.DirectoryLock`) until :meth:`close`."""
 
-    def __init__(self, con: sqlite3.Connection, path: Path):
+    def __init__(self, con: sqlite3.Connection, path: Path, lock: DirectoryLock | None = None):
         self.con = con
         self.path = path
+        self.lock = lock
 
     @classmethod
     def open(cls, directory: str | Path, *, fingerprint: str, meta: dict[str, Any],
              fresh: bool = False) -> Store:
-        """Open or create the store of a sweep; refuse one that belongs to a different spec.
+        """Lock a sweep directory, then open or create its store; refuse one of a different spec.
 
         Args:
             directory: the sweep's output directory (created if needed).
             fingerprint: the spec's fingerprint; a store made by another spec is refused.
             meta: stored on creation (spec text, name, axes, environment).
             fresh: delete any existing results first.
+
+        Raises:
+            UserError: the directory cannot be written, another live process writes it, or the store
+                is foreign, damaged, of another format version or of another spec.
         """
         directory = Path(directory)
         try:
@@ -111,20 +198,37 @@ class Store:
         except OSError as err:
             raise UserError(f"--out {directory}: cannot create or write the output directory "
                             f"({err})") from None
+        lock = DirectoryLock.acquire(directory)  # before --fresh deletes anything
+        try:
+            return cls._open(directory, lock, fingerprint, meta, fresh)
+        except BaseException:
+            lock.release()
+            raise
+
+    @classmethod
+    def _open(cls, directory: Path, lock: DirectoryLock, fingerprint: str, meta: dict[str, Any],
+              fresh: bool) -> Store:
         path = directory / FILENAME
         if fresh:
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{path}{suffix}").unlink(missing_ok=True)
         con = _connect(path)
+        db = cls(con, path, lock)
         try:
             con.executescript(_SCHEMA)
             stored = dict(con.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.OperationalError as err:
+            con.close()
+            raise db._write_error(err) from None
         except sqlite3.DatabaseError as err:
             con.close()
-            raise UserError(f"{path}: not a readable initbench store ({err}); move it away or use --fresh") \
-                from None
+            raise _unreadable(path, err) from None
         if stored:
-            _check_version(path, stored)
+            try:
+                _check_version(path, stored)
+            except UserError:
+                con.close()
+                raise
             if stored.get("fingerprint") != fingerprint:
                 con.close()
                 raise UserError(f"{directory} holds results of a different spec "
@@ -133,33 +237,82 @@ class Store:
         else:
             rows = {"version": str(FORMAT_VERSION), "fingerprint": fingerprint, "created": str(time.time()),
                     **{k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}}
-            with con:
-                con.executemany("INSERT INTO meta VALUES (?, ?)", rows.items())
-        return cls(con, path)
+            db._write("INSERT INTO meta VALUES (?, ?)", list(rows.items()), many=True)
+        return db
 
     def finished(self) -> set[str]:
         """Ids of jobs that need no rerun: ok or diverged (failed ones are retried)."""
         return {r[0] for r in self.con.execute("SELECT job_id FROM runs WHERE status != 'failed'")}
 
+    def count(self) -> int:
+        """Jobs stored so far (any status)."""
+        return self.con.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+
     def add(self, result: JobResult) -> None:
-        """Write one job's result atomically (replacing an earlier failed attempt)."""
+        """Write one job's result atomically (replacing an earlier failed attempt).
+
+        Raises:
+            UserError: the store cannot be written (disk full, quota, file-size limit); the
+                transaction is rolled back, so every job stored before stays intact.
+        """
         blobs: tuple[bytes | None, bytes | None] = (None, None)
         if result.status != "failed":
             blobs = (_to_blob(result.curves), _to_blob(result.layers))
-        with self.con:
-            self.con.execute(
-                "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (result.job_id, result.status, result.error, json.dumps(result.settings),
-                 json.dumps(result.metrics), result.pathologies, result.wall_s, json.dumps(result.env),
-                 time.time(), *blobs))
+        self._write("INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (result.job_id, result.status, result.error, json.dumps(result.settings),
+                     json.dumps(result.metrics), result.pathologies, result.wall_s, json.dumps(result.env),
+                     time.time(), *blobs))
 
     def set_meta(self, key: str, value: str) -> None:
         """Record a piece of sweep metadata (e.g. total wall time)."""
-        with self.con:
-            self.con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+        self._write("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def _write(self, sql: str, params: Any, many: bool = False) -> None:
+        try:
+            with self.con:
+                (self.con.executemany if many else self.con.execute)(sql, params)
+        except sqlite3.OperationalError as err:
+            raise self._write_error(err) from None
+
+    def _write_error(self, err: sqlite3.OperationalError) -> UserError:
+        """One line naming the store and why it cannot be written, and what is safe."""
+        try:
+            kept = f"the {self.count()} jobs stored before are intact"
+        except sqlite3.Error:
+            kept = "the jobs stored before are intact"
+        return UserError(f"{self.path}: cannot write the results store: {_write_cause(self.path, err)}; "
+                         f"{kept}: once there is room, rerun the same command to resume")
 
     def close(self) -> None:
-        self.con.close()
+        """Close the database (SQLite checkpoints its WAL when it can) and release the directory lock."""
+        try:
+            self.con.close()
+        except sqlite3.Error:
+            pass  # a final checkpoint that cannot be written leaves the WAL, which readers use
+        if self.lock is not None:
+            self.lock.release()
+
+
+def _write_cause(path: Path, err: sqlite3.OperationalError) -> str:
+    """Why a write failed, in the user's terms: SQLite says only "disk I/O error" for EFBIG and quotas.
+
+    A file at the process's file-size limit (``ulimit -f``) is that limit; little free space on the
+    directory's filesystem is a full disk; otherwise SQLite's own words.
+    """
+    said = f"sqlite: {_first_line(err)}"
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY:
+        sizes = [os.path.getsize(f) for f in (path, Path(f"{path}-wal")) if f.exists()]
+        if sizes and max(sizes) >= soft - 65536:
+            return f"the file-size limit (ulimit -f) of {soft} bytes is reached ({said})"
+    try:
+        stat = os.statvfs(path.parent)
+        free = stat.f_bavail * stat.f_frsize
+    except OSError:
+        return said
+    if free < 2**20 or getattr(err, "sqlite_errorname", "") == "SQLITE_FULL":
+        return f"the disk is full ({free // 1024} KiB free on its filesystem; {said})"
+    return said
 
 
 def _check_version(path: Path, meta: dict[str, str]) -> None:
@@ -236,7 +389,9 @@ def load(directory: str | Path, *, traces: bool = True) -> Results:
                            f"{blobs} FROM runs ORDER BY finished_at, job_id")
         records, curves, layers = _decode(rows)
     except sqlite3.DatabaseError as err:
-        raise UserError(f"{path}: not a readable initbench store ({err})") from None
+        raise _unreadable(path, err) from None
+    except (pa.ArrowException, ValueError) as err:  # a blob or a JSON field damaged inside its pages
+        raise damaged(path, err) from None
     finally:
         con.close()
     for key in ("axes", "env"):
@@ -358,3 +513,148 @@ class _Columns:
         new[:self.rows] = old[:self.rows]
         self.data[name] = new
         return new
+
+
+# --- Recovery: ``python -m bench.store recover DIR`` ---------------------------------------------
+
+_RUN_COLUMNS = ("job_id, status, error, settings, metrics, pathologies, wall_s, env, finished_at, "
+                "curves, layers")
+
+
+def _read_only(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
+
+
+def _salvage(con: sqlite3.Connection) -> Iterator[tuple]:
+    """Every row of ``runs`` that reads back whole (settings, metrics and traces decode).
+
+    The table is walked forwards, backwards and through its primary-key index, each walk kept
+    up to the first damaged page it meets, so rows on both sides of a damaged page are found;
+    then each row is read alone by rowid.
+    """
+    rowids: set[int] = set()
+    for sql in ("SELECT rowid FROM runs", "SELECT rowid FROM runs ORDER BY rowid DESC",
+                "SELECT rowid FROM runs INDEXED BY sqlite_autoindex_runs_1 ORDER BY job_id"):
+        try:
+            for (rowid,) in con.execute(sql):
+                rowids.add(rowid)
+        except sqlite3.DatabaseError:
+            pass  # this walk ends at a damaged page; the others may go past it
+    for rowid in sorted(rowids):
+        try:
+            row = con.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE rowid = ?", (rowid,)).fetchone()
+            if row is None or row[1] not in ("ok", "diverged", "failed"):
+                continue
+            for text in (row[3], row[4], row[7]):
+                json.loads(text)
+            for blob in row[9:]:
+                if blob is not None:
+                    _from_blob(blob)
+        except (sqlite3.DatabaseError, pa.ArrowException, ValueError, TypeError):
+            continue
+        yield row
+
+
+def recover(directory: str | Path) -> tuple[int, int, Path | None]:
+    """Copy every readable job of a damaged store into a fresh one; keep the damaged file beside it.
+
+    Returns:
+        (jobs recovered, rows seen that could not be read back, where the damaged file was kept);
+        the last is None when the store was not damaged (nothing is changed then).
+
+    Raises:
+        UserError: no store, a sweep is writing the directory, or the store's meta table (the
+            spec it belongs to) cannot be read, so nothing can be recovered safely.
+    """
+    directory = Path(directory)
+    path = directory / FILENAME
+    if not path.is_file():
+        raise UserError(f"{directory}: no results store ({FILENAME}) here; nothing to recover")
+    lock = DirectoryLock.acquire(directory, action="store recovery")
+    try:
+        return _recover(path, directory)
+    finally:
+        lock.release()
+
+
+def _recover(path: Path, directory: Path) -> tuple[int, int, Path | None]:
+    with _readable_copy(path) as readable:
+        return _copy_readable(readable, path, directory)
+
+
+def _copy_readable(readable: Path, path: Path, directory: Path) -> tuple[int, int, Path | None]:
+    con = _read_only(readable)
+    try:
+        try:
+            meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.DatabaseError as err:
+            raise UserError(f"{path}: its meta table is unreadable ({_first_line(err)}), so the spec it "
+                            "belongs to is unknown and nothing can be recovered safely; move it away "
+                            "and rerun the sweep with --fresh") from None
+        _check_version(path, meta)
+        try:
+            healthy = [r[0] for r in con.execute("PRAGMA quick_check(1)")] == ["ok"]
+            stored = con.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+        except sqlite3.DatabaseError:
+            healthy, stored = False, -1
+        tmp = directory / f"{FILENAME}.recovering"
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+        new = sqlite3.connect(tmp)
+        try:
+            new.executescript(_SCHEMA)
+            with new:
+                new.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
+                recovered = 0
+                for row in _salvage(con):
+                    new.execute(f"INSERT OR REPLACE INTO runs ({_RUN_COLUMNS}) VALUES "
+                                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+                    recovered += 1
+            seen = max(stored, 0)
+        finally:
+            new.close()
+    finally:
+        con.close()
+    if healthy and recovered == stored:
+        tmp.unlink()
+        return recovered, 0, None
+    kept = directory / f"store.damaged-{time.strftime('%Y%m%d-%H%M%S')}.sqlite"
+    # The damaged file keeps its name's WAL beside it; the fresh store takes its place atomically.
+    try:
+        os.link(path, kept)
+    except OSError:
+        shutil.copy2(path, kept)
+    wal = Path(f"{path}-wal")
+    if wal.exists():
+        os.replace(wal, f"{kept}-wal")
+    Path(f"{path}-shm").unlink(missing_ok=True)
+    os.replace(tmp, path)
+    return recovered, max(seen - recovered, 0), kept
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bench.store recover DIR``: exit 0 when done, 2 when nothing can be done."""
+    from bench import cli
+
+    def body(argv: Sequence[str] | None) -> int:
+        p = cli.Parser(prog="python -m bench.store", description="Maintain a sweep's results store.")
+        commands = p.add_subparsers(dest="command", required=True)
+        r = commands.add_parser("recover", help="copy the readable jobs of a damaged store into a fresh one")
+        r.add_argument("directory", help="a sweep's output directory")
+        args = p.parse_args(argv)
+        recovered, lost, kept = recover(args.directory)
+        if kept is None:
+            print(f"{args.directory}/{FILENAME} is not damaged: all {recovered} jobs read back; "
+                  "nothing to do")
+            return 0
+        print(f"recovered {recovered} jobs into a fresh {args.directory}/{FILENAME}"
+              + (f"; {lost} more could not be read back" if lost else "")
+              + f"; the damaged file is kept as {kept}. Rerun the same sweep command to train the jobs "
+              "that were not recovered.")
+        return 0
+
+    return cli.run(body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,20 +1,69 @@
 """``python -m bench.sweep SPEC.toml``: train every job of a spec, store the results, resume.
 
-Exit codes: 0 done (diverged jobs are results), 1 some jobs failed, 2 bad input.
+Exit codes: 0 done (diverged jobs are results), 1 some jobs failed, 2 bad input or an output
+directory that cannot be used (another sweep writes it, its store is damaged, its disk is full),
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from bench import cli
 from bench.errors import EXIT_FAILED, EXIT_OK
 from bench.schema import axis_column
+
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM), what SLURM, Kubernetes and `timeout` send
+# After SIGTERM, the bundles already running get this long to finish (and be stored) before they
+# are abandoned; below the usual kill delays (SLURM KillWait and Kubernetes' grace: 30 s).
+TERM_GRACE_S = float(os.environ.get("INITBENCH_TERM_GRACE_S", "20"))
+
+
+class Abandoned(BaseException):
+    """The grace period after SIGTERM ran out, or a second SIGTERM came: the bundles in flight are
+    abandoned. A BaseException, so that no ``except Exception`` on the way (a job's error handling)
+    takes it for a job's failure."""
+
+
+@contextlib.contextmanager
+def _sigterm_stops(stop: threading.Event, grace: float) -> Iterator[None]:
+    """While inside: SIGTERM sets ``stop`` and starts the grace period, at whose end (or at a second
+    SIGTERM) :class:`Abandoned` is raised in the main thread. Raised once at most: the cleanup it
+    starts (killing workers, closing a cluster) is never itself interrupted."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals are only ours to handle in the main thread
+        return
+    raised = False
+
+    def abandon(signum: int, frame: object) -> None:
+        nonlocal raised
+        if not raised:
+            raised = True
+            raise Abandoned
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        if stop.is_set() or grace <= 0:
+            abandon(signum, frame)
+        stop.set()
+        signal.setitimer(signal.ITIMER_REAL, grace)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm), signal.signal(signal.SIGALRM, abandon)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGALRM, previous[1])
 
 
 def _positive_int(text: str) -> int:
@@ -53,6 +102,18 @@ def _main(argv: Sequence[str] | None) -> int:
         parser().error("--scheduler needs --backend dask")
     if args.scheduler:
         args.backend = "dask"
+    stop = threading.Event()
+    try:
+        with _sigterm_stops(stop, TERM_GRACE_S):
+            return _sweep(args, stop)
+    except Abandoned:
+        sys.stderr.write(f"terminated: the bundles still running {TERM_GRACE_S:g} s after SIGTERM were "
+                         "abandoned; every job finished before is stored; rerun the same command to "
+                         "resume\n")
+        return EXIT_TERMINATED
+
+
+def _sweep(args: argparse.Namespace, stop: threading.Event) -> int:
     from bench import dispatch, spec, store  # after parsing: --help and flag errors stay instant
 
     sweep = spec.load(args.spec)
@@ -73,31 +134,43 @@ def _main(argv: Sequence[str] | None) -> int:
     meta = {"spec_text": sweep.text, "spec_path": sweep.path, "spec_name": sweep.name,
             "axes": [axis_column(k) for k, _ in sweep.grid], "env": record.environment(",".join(devices))}
     db = store.Store.open(out, fingerprint=sweep.fingerprint, meta=meta, fresh=args.fresh)
-    done = db.finished()
-    bundles, workers = _plan([j for j in jobs if j.job_id not in done], devices, runtime, args.jobs, backend)
     counts = {"ok": 0, "diverged": 0, "failed": 0}
-    start = time.perf_counter()
-    bar = None if args.quiet else _progress(len(jobs), len(done))
+    bar = None
     try:
-        for result in dispatch.execute(bundles, sweep.metrics, workers=workers, backend=backend,
-                                       scheduler=args.scheduler):
-            db.add(result)
-            counts[result.status] += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(diverged=counts["diverged"], failed=counts["failed"], refresh=False)
+        done = db.finished()
+        bundles, workers = _plan([j for j in jobs if j.job_id not in done], devices, runtime, args.jobs,
+                                 backend)
+        start = time.perf_counter()
+        bar = None if args.quiet else _progress(len(jobs), len(done))
+        results = dispatch.execute(bundles, sweep.metrics, workers=workers, backend=backend,
+                                   scheduler=args.scheduler, stop=stop)
+        # closing(): whatever ends the loop (Ctrl-C, a store that cannot be written, the grace period
+        # running out) closes the dispatch, which kills its workers rather than leaving them behind.
+        with contextlib.closing(results):
+            for result in results:
+                db.add(result)
+                counts[result.status] += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(diverged=counts["diverged"], failed=counts["failed"], refresh=False)
+        if bar is not None:
+            bar.close()
+        stored = db.count()
+        if stop.is_set():
+            sys.stderr.write(f"terminated: {stored} of {len(jobs)} jobs stored in {out} (every job in flight "
+                             f"finished within the grace period); rerun the same command to resume\n")
+            return EXIT_TERMINATED
+        db.set_meta("wall_s", f"{time.perf_counter() - start:.3f}")
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
-        sys.stderr.write(f"interrupted: {sum(counts.values())} jobs stored in {out}; "
+        sys.stderr.write(f"interrupted: {sum(counts.values())} jobs stored in {out} in this run; "
                          f"rerun the same command to resume\n")
-        db.close()
-        return 130
+        return EXIT_INTERRUPTED
     finally:
         if bar is not None:
             bar.close()
-    db.set_meta("wall_s", f"{time.perf_counter() - start:.3f}")
-    db.close()
+        db.close()
 
     if not args.quiet:
         _print_summary(out, len(done), counts)
