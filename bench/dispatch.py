@@ -29,10 +29,10 @@ from joblib.externals.loky import get_reusable_executor
 from joblib.externals.loky.process_executor import BrokenProcessPool
 
 from bench import record
-from bench.engine import flops_per_step, train
 from bench.errors import UserError
 from bench.record import JobResult
 from bench.spec import Job, MetricsConfig
+from bench.train.stacked import flops_per_step, train
 
 log = logging.getLogger(__name__)
 BACKENDS = ("loky", "dask", "threading")

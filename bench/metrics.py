@@ -23,7 +23,7 @@ Every metric is defined here once (and in the README's "Metrics" table):
   is zero for every sample of the probe batch, at step 0 / the last logged step.
 - ``symmetric_frac_init`` / ``symmetric_frac_final``: fraction of hidden units that are
   copies of another unit of their layer (same incoming weights and bias, see
-  ``engine.distinct_frac``), at step 0 / the last logged step.
+  ``bench.train.probes.distinct_frac``), at step 0 / the last logged step.
 - ``null_loss``: training loss of the best predictor that ignores its input (the
   targets' mean for regression, the class frequencies for classification).
 - ``weight_growth``: norm of all weights at the last logged step over step 0

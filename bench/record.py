@@ -17,10 +17,10 @@ import pandas as pd
 import torch
 
 from bench import metrics, theory
-from bench.engine import BundleOutput
 from bench.errors import UserError
 from bench.schema import CURVE_COLUMNS, KINDS, LAYER_COLUMNS, STATS, STATUSES
 from bench.spec import Job, MetricsConfig
+from bench.train.bundle import BundleOutput
 
 
 def environment(device: str = "cpu") -> dict[str, str]:

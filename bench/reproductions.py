@@ -43,7 +43,7 @@ def markdown(df: pd.DataFrame, floatfmt: str = ".3g") -> str:
 
 def _dims(run: pd.Series) -> list[int]:
     """Layer widths [d_in, width, ..., d_out] of a run's MLP (the task's data gives d_in, d_out)."""
-    from bench import models, tasks
+    from bench.train import models, tasks
 
     # .item(): pandas hands back numpy scalars, which torch.Generator.manual_seed refuses
     params = tuple(sorted((k[5:], v.item() if hasattr(v, "item") else v) for k, v in run.items()

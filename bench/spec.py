@@ -25,8 +25,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10 (pyproject allows it): the same parser as a package
     import tomli as tomllib
 
-from bench import inits, models, tasks
 from bench.errors import UserError, is_number
+from bench.train import activations, inits, models, tasks
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -99,7 +99,7 @@ SETTINGS: dict[str, Setting] = {
     "arch": Setting("model", _choice(lambda: sorted(models.ARCHS)), "mlp"),
     "depth": Setting("model", _int(1), 4),
     "width": Setting("model", _int(1), 64),
-    "activation": Setting("model", _choice(lambda: sorted(models.ACTIVATIONS)), "relu"),
+    "activation": Setting("model", _choice(lambda: sorted(activations.ACTIVATIONS)), "relu"),
     "init": Setting("model", _choice(lambda: sorted(inits.INITS)), "default"),
     "init_bias": Setting("model", _init_bias, "auto"),
     # [task]; its own settings (n_train, noise, ...) are checked by the task's registry entry

@@ -36,7 +36,8 @@ _Q_HUGE = 1e12  # a variance past this has diverged; derivatives at q* = inf are
 _MAX_ITERS = 1000
 _CRITICAL_TOL = 1e-9  # |chi1 - 1| within this is criticality: quadrature cannot resolve it further
 
-_SLOPE = 0.01  # torch.nn.LeakyReLU default
+LEAKY_SLOPE = 0.01  # torch.nn.LeakyReLU's default, which the leaky_relu activation uses
+_SLOPE = LEAKY_SLOPE
 _SELU_ALPHA = 1.6732632423543772
 _SELU_SCALE = 1.0507009873554805
 

@@ -72,7 +72,7 @@ def epoch_lines(layers: pd.DataFrame, run: pd.Series, full_batch: bool) -> list[
 
 
 def _full_batch(run: pd.Series) -> bool:
-    from bench import tasks
+    from bench.train import tasks
 
     # .item(): pandas hands back numpy scalars, which torch.Generator.manual_seed refuses
     params = tuple(sorted((k[5:], v.item() if hasattr(v, "item") else v) for k, v in run.items()

@@ -21,8 +21,9 @@ from pathlib import Path
 import classic_loop  # the sibling script (this file runs as a script, from benchmarks/)
 import torch
 
-from bench import engine, spec
+from bench import spec
 from bench.spec import Job
+from bench.train import stacked as engine
 
 HERE = Path(__file__).resolve().parent
 

@@ -1,7 +1,7 @@
 """``python benchmarks/classic_loop.py SPEC.toml``: the spec's jobs trained the classic way, one at a time.
 
 The yardstick for the end-to-end benchmark: what a user without initbench would run
-to get the same sweep. Each job is trained by ``bench.reference.train_plain`` (the
+to get the same sweep. Each job is trained by ``bench.train.reference.train_plain`` (the
 same model, init, batches and loss as the engine; ``nn.Sequential`` + ``torch.optim``;
 every parameter's mean, std, norm and gradient norm recorded every ``log_every``
 steps) and the records are written as one CSV. Timing this whole process against
@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
-from bench import cli, reference, spec, tasks
-from bench.engine import build_model, loss_per_job
+from bench import cli, spec
 from bench.spec import Job
+from bench.train import reference, tasks
+from bench.train.bundle import build_model, loss_per_job
 
 # A one-unit output bias has no std (torch warns, and returns NaN as the engine records).
 warnings.filterwarnings("ignore", message=r"std\(\): degrees of freedom")
@@ -38,7 +39,7 @@ FIELDS = ("job_id", "init", "lr", "seed", "depth", "width", "step", "train_loss"
 def train_on(job: Job, device: str) -> tuple[list[float], list[dict]]:
     """Train one job with the classic loop on ``device``; returns (losses, per-parameter records).
 
-    On the CPU this is ``bench.reference.train_plain(job, record=True)``; elsewhere the same
+    On the CPU this is ``bench.train.reference.train_plain(job, record=True)``; elsewhere the same
     loop with the model and data moved to the device (each ``.item()`` is a GPU sync, as in
     any classic loop that logs).
     """

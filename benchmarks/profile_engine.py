@@ -19,21 +19,22 @@ from pathlib import Path
 
 import torch
 
-from bench import engine, spec
+from bench import spec
+from bench.train import stacked as engine
 
 HERE = Path(__file__).resolve().parent
 
 # (label, file suffix, function name): the phases of engine.train, by the functions that run them
 PHASES = [
-    ("whole engine.train", "bench/engine.py", "train"),
-    ("build models (nn.Sequential + init)", "bench/engine.py", "build_model"),
+    ("whole engine.train", "bench/train/stacked.py", "train"),
+    ("build models (nn.Sequential + init)", "bench/train/bundle.py", "build_model"),
     ("load task data", "bench/tasks.py", "load"),
-    ("forward, training and validation (engine.forward)", "bench/engine.py", "forward"),
+    ("forward, training and validation (engine.forward)", "bench/train/stacked.py", "forward"),
     ("backward (Tensor.backward)", "torch/_tensor.py", "backward"),
-    ("optimizer step (_Optimizer.step)", "bench/engine.py", "step"),
-    ("probe statistics (_probe)", "bench/engine.py", "_probe"),
-    ("  of which _stats", "bench/engine.py", "_stats"),
-    ("loss (loss_per_job)", "bench/engine.py", "loss_per_job"),
+    ("optimizer step (FlatOptimizer.step)", "bench/train/optim.py", "step"),
+    ("probe statistics (probe)", "bench/train/probes.py", "probe"),
+    ("  of which stats", "bench/train/probes.py", "stats"),
+    ("loss (loss_per_job)", "bench/train/bundle.py", "loss_per_job"),
     ("parameter copies for update ratios (clone)", "~", "<method 'clone' of 'torch._C.TensorBase' objects>"),
 ]
 
@@ -46,7 +47,7 @@ def phases(stats: pstats.Stats) -> list[tuple[str, float, int]]:
         out.append((label, sum(h[0] for h in hits), sum(h[1] for h in hits)))
     # engine.train's own lines: the step loop's Python and the tensor ops it runs inline
     # (indexing the batch, torch.where, the divergence check), which cProfile cannot name.
-    own = sum(v[2] for (f, _, n), v in table.items() if n == "train" and f.endswith("bench/engine.py"))
+    own = sum(v[2] for (f, _, n), v in table.items() if n == "train" and f.endswith("bench/train/stacked.py"))
     out.append(("engine.train's own lines (batch gather, divergence check, loop)", own, 1))
     return out
 

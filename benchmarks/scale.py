@@ -90,8 +90,9 @@ def _fake_bundle(jobs, rng):
     """A BundleOutput with the engine's shapes and dtypes, filled with plausible random numbers."""
     import numpy as np
 
-    from bench import models, tasks
-    from bench.engine import KINDS, STATS, BundleOutput
+    from bench.schema import KINDS, STATS
+    from bench.train import models, tasks
+    from bench.train.bundle import BundleOutput
 
     job, k = jobs[0], len(jobs)
     data = tasks.load(job.task, job.task_params, job.seed)
@@ -180,7 +181,8 @@ def _report(directory: str) -> dict:
 
 def _train(settings: str) -> dict:
     # isort: off
-    from bench import dispatch, engine, spec  # bench before torch: its OpenMP setting, as in a sweep
+    from bench import dispatch, spec
+    from bench.train import stacked as engine  # bench before torch: its OpenMP setting, as in a sweep
     import torch
     # isort: on
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench import dispatch, engine, spec
+from bench import dispatch, spec
+from bench.train import stacked as engine
 from benchmarks.conftest import SPECS, interleaved, median, record
 
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from bench import engine, tasks
+from bench.train import stacked as engine
+from bench.train import tasks
 from benchmarks.conftest import interleaved, median, record, seconds, spec_jobs
 
 SHORT_STEPS = 20

@@ -10,7 +10,7 @@ Probes run every 10th step whatever the run length, so 50 steps stand for 300
 
 from __future__ import annotations
 
-from bench import engine
+from bench.train import stacked as engine
 from benchmarks.conftest import interleaved, median, paired_ratio, record, spec_jobs
 
 SHORT_STEPS = 50

@@ -2,7 +2,7 @@
 
 The issue's 48 jobs (specs/target.toml: 4 inits x 4 learning rates x 3 seeds; depth 6,
 width 64, batch 128, probes every 10 steps) trained as one bundle, and the same jobs
-trained one at a time by ``bench.reference.train_plain(record=True)``, rounds interleaved
+trained one at a time by ``bench.train.reference.train_plain(record=True)``, rounds interleaved
 and at the same thread count. Both sides build the same models, so the ratio hardly
 depends on the step count: 50 steps here, 300 with ``--bench-full``. Target: >= 8x.
 
@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from bench import engine, models, tasks
 from bench.spec import Job
+from bench.train import models, tasks
+from bench.train import stacked as engine
 from benchmarks import classic_loop
 from benchmarks.conftest import (
     interleaved,

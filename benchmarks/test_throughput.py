@@ -11,7 +11,8 @@ import dataclasses
 
 import pytest
 
-from bench import engine, spec
+from bench import spec
+from bench.train import stacked as engine
 from benchmarks.conftest import ROOT, median, record, timed_rounds
 
 SHORT_STEPS = 30

@@ -19,10 +19,12 @@ import pytest
 import torch
 
 import bench
-from bench import engine, metrics, regress, spec, sweep, tasks, theory
+from bench import metrics, regress, spec, sweep, theory
 from bench.schema import axis_column
 from bench.spec import MetricsConfig
 from bench.store import Results
+from bench.train import bundle, probes, tasks
+from bench.train import stacked as engine
 
 OVERFLOW = """
 name = "overflow"
@@ -88,7 +90,7 @@ def _plain_step0(text: str) -> tuple[torch.nn.Sequential, torch.Tensor]:
     job = spec.parse(text).jobs()[0]
     data = tasks.load(job.task, job.task_params, job.seed)
     first = tasks.batch_schedule(job.seed, len(data.x_train), job.batch_size, 0)[0]
-    return engine.build_model(job, data), data.x_train[first]
+    return bundle.build_model(job, data), data.x_train[first]
 
 
 def test_step0_overflow_is_exploding_activations_not_vanishing_gradients(overflow):
@@ -127,9 +129,9 @@ def test_step0_record_is_the_initialization_not_the_retirement(overflow):
 def test_probe_statistics_stay_finite_where_float32_sums_overflow():
     big = torch.full((2, 64, 256), 1.7e18)
     big[1] *= -1
-    got = engine._stats(big)
+    got = probes.stats(big)
     assert not torch.isfinite(got).all()  # the float32 norm overflows ...
-    wide = engine._stats(big, torch.float64)  # ... the float64 one does not
+    wide = probes.stats(big, torch.float64)  # ... the float64 one does not
     assert torch.isfinite(wide).all()
     np.testing.assert_allclose(wide[:, 0], [1.7e18, -1.7e18], rtol=1e-6)
     np.testing.assert_allclose(wide[:, 3], 1.7e18 * math.sqrt(64 * 256), rtol=1e-6)
@@ -269,7 +271,7 @@ def test_distinct_frac_on_known_layers():
     w[3] = w[3, :, :1]  # same weights, different biases: distinct units
     w[4], b[4] = 0, 0  # all-zero: one distinct unit
     w[2, 0, 7] += 1e-7  # a float-rounding difference is still a copy
-    got = engine.distinct_frac(w, b)
+    got = probes.distinct_frac(w, b)
     np.testing.assert_allclose(got.numpy(), [1.0, 1 / n, 0.5, 1.0, 1 / n])
 
 

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from bench import engine, models, spec
-from bench.engine import KINDS, STATS
-from bench.reference import train_plain
+from bench import spec
+from bench.schema import KINDS, STATS
+from bench.train import activations, bundle
+from bench.train import stacked as engine
+from bench.train.reference import train_plain
 
 
 def jobs_from(text: str) -> list[spec.Job]:
@@ -36,7 +38,7 @@ log_every = 10
 """
 
 
-def assert_matches_plain(jobs: list[spec.Job], rtol: float = 1e-4) -> engine.BundleOutput:
+def assert_matches_plain(jobs: list[spec.Job], rtol: float = 1e-4) -> bundle.BundleOutput:
     out = engine.train(jobs, keep_params=True, divergence_ratio=1e9)
     for k, job in enumerate(jobs):
         losses, model, _ = train_plain(job, record=False)
@@ -74,9 +76,9 @@ def test_classification_cross_entropy_matches_plain_loop():
     assert np.isfinite(out.val_acc).all() and (out.val_acc <= 1).all()
 
 
-@pytest.mark.parametrize("activation", sorted(models.ACTIVATIONS))
+@pytest.mark.parametrize("activation", sorted(activations.ACTIVATIONS))
 def test_every_activation_matches_plain_loop(activation):
-    # Steps without probes apply the in-place form of the activation (models.INPLACE), probe
+    # Steps without probes apply the in-place form of the activation (the registry's inplace form), probe
     # steps the plain one: both must train exactly as nn.Sequential does.
     jobs = jobs_from(make_spec('init = ["xavier_normal"]\nlr = [0.03]\nseed = [0, 1]', "momentum = 0.9",
                                f'width = 12\ndepth = 3\nactivation = "{activation}"'))

@@ -1,6 +1,6 @@
 """Every init scheme checked against its defining distribution, statistically.
 
-Each scheme is applied through ``bench.inits.apply`` to plain ``nn.Linear`` layers (several of one
+Each scheme is applied through ``bench.train.inits.apply`` to plain ``nn.Linear`` layers (several of one
 shape, pooled, so that a test sees >= 32k draws); the pooled sample is then compared with the
 formula: mean and std within 5 standard errors (the SE of a sample std is
 sigma * sqrt((kurtosis - 1) / 4n): kurtosis 3 for a normal, 1.8 for a uniform), the shape by
@@ -19,8 +19,9 @@ from scipy import stats
 from torch import nn
 from torch.nn import functional as F
 
-from bench import engine, inits, models, spec, tasks
+from bench import spec
 from bench.errors import UserError
+from bench.train import bundle, inits, models, tasks
 
 torch.set_num_threads(1)
 
@@ -342,7 +343,7 @@ def test_build_model_is_seeded():
     state = torch.get_rng_state()
 
     def weights(job):
-        model = engine.build_model(job, tasks.load(job.task, job.task_params, job.seed))
+        model = bundle.build_model(job, tasks.load(job.task, job.task_params, job.seed))
         return [p.detach().clone() for p in model.parameters()]
 
     by_job = {}

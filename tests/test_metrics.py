@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from bench import metrics
-from bench.engine import KINDS, STATS
+from bench.schema import KINDS, STATS
 from bench.spec import MetricsConfig
 
 CFG = MetricsConfig()

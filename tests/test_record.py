@@ -13,10 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench import engine, metrics, record, spec, theory
-from bench.engine import BundleOutput
+from bench import metrics, record, spec, theory
 from bench.errors import UserError
 from bench.schema import CURVE_COLUMNS, KINDS, LAYER_COLUMNS, STATS
+from bench.train import stacked as engine
+from bench.train.bundle import BundleOutput
 
 SPEC = """
 [grid]

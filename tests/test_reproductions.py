@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 import bench
-from bench import engine, reproductions, spec, sweep, tasks, theory, tutorial
+from bench import reproductions, spec, sweep, theory, tutorial
+from bench.train import bundle, tasks
 from tests.conftest import ROOT, run_cli
 
 torch.set_num_threads(1)
@@ -185,7 +186,7 @@ def blog_run(work):
 def plain_tutorial(job: spec.Job) -> list[tuple[str, float] | str]:
     """The tutorial's loop, verbatim in spirit: nn.Sequential, MSELoss, optim.SGD, full batch."""
     data = tasks.load("blog", job.task_params, job.seed)
-    model = engine.build_model(job, data)
+    model = bundle.build_model(job, data)
     criterion = nn.MSELoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     printed: list[tuple[str, float] | str] = []

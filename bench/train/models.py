@@ -12,39 +12,14 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from bench.errors import UserError
-from bench.inits import LEAKY_SLOPE
-
-# name -> (module factory for nn.Sequential, functional form for the stacked engine)
-ACTIVATIONS: dict[str, tuple[Callable[[], nn.Module], Callable[[torch.Tensor], torch.Tensor]]] = {
-    "relu": (nn.ReLU, F.relu),
-    "tanh": (nn.Tanh, torch.tanh),
-    "gelu": (nn.GELU, F.gelu),
-    "leaky_relu": (lambda: nn.LeakyReLU(LEAKY_SLOPE), lambda x: F.leaky_relu(x, LEAKY_SLOPE)),
-    "selu": (nn.SELU, F.selu),
-    "sigmoid": (nn.Sigmoid, torch.sigmoid),
-    "linear": (nn.Identity, lambda x: x),
-}
-
-# In-place forms, for steps that keep no preactivations: each one's backward needs only its
-# output, so autograd allows overwriting the input (GELU's needs the input: not here).
-INPLACE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "relu": torch.relu_,
-    "tanh": torch.tanh_,
-    "leaky_relu": lambda x: F.leaky_relu_(x, LEAKY_SLOPE),
-    "sigmoid": torch.sigmoid_,
-    "linear": lambda x: x,
-}
+from bench.train import activations
 
 
 def activation(name: str) -> tuple[Callable[[], nn.Module], Callable[[torch.Tensor], torch.Tensor]]:
-    """Look up an activation; unknown names fail loudly with the choices."""
-    try:
-        return ACTIVATIONS[name]
-    except KeyError:
-        raise UserError(f"unknown activation {name!r}; choose from {sorted(ACTIVATIONS)}") from None
+    """(module factory, functional form) of an activation; unknown names fail loudly with the choices."""
+    act = activations.get(name)
+    return act.module, act.fn
 
 
 def layer_dims(d_in: int, d_out: int, depth: int, width: int) -> list[int]:

@@ -17,7 +17,6 @@ Conventions (see README "Init schemes"):
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -27,41 +26,19 @@ import torch
 from torch import nn
 
 from bench.errors import UserError, is_number
+from bench.train import activations
 
 BIAS_MODES = ("auto", "zeros", "default")
 
-# PyTorch's calculate_gain covers these; gelu it lacks (see activation_gain).
-_TORCH_GAINS = {"relu": "relu", "tanh": "tanh", "linear": "linear", "sigmoid": "sigmoid",
-                "selu": "selu", "leaky_relu": "leaky_relu"}
-LEAKY_SLOPE = 0.01  # torch.nn.LeakyReLU's default, which our leaky_relu activation uses
-
-
-@functools.cache  # a quadrature, asked for by every layer of every gelu model
-def _gelu_gain() -> float:
-    # The gain that keeps the second moment: 1 / sqrt(E[gelu(z)^2]), z ~ N(0, 1), by
-    # Gauss-Hermite quadrature (probabilists' weights). About 1.534, not relu's sqrt(2).
-    import numpy as np
-
-    z, w = np.polynomial.hermite_e.hermegauss(101)
-    w = w / w.sum()
-    gelu = torch.nn.functional.gelu(torch.as_tensor(z)).numpy()
-    return float(1.0 / math.sqrt(float((w * gelu**2).sum())))
-
-
 def activation_gain(activation: str) -> float:
-    """The gain Kaiming schemes use for ``activation``.
+    """The gain Kaiming schemes use for ``activation`` (the activation registry's ``gain``).
 
     ``torch.nn.init.calculate_gain`` where PyTorch defines one (sqrt(2) for relu,
     5/3 for tanh, 3/4 for selu, 1 for sigmoid and linear, sqrt(2 / (1 + 0.01^2))
-    for leaky_relu); for gelu, which PyTorch lacks, the second-moment-preserving
-    gain 1 / sqrt(E[gelu(z)^2]) ~= 1.534.
+    for leaky_relu); for gelu, which PyTorch lacks, 1 / sqrt(E[gelu(z)^2]) ~= 1.534,
+    which fixes a unit second moment (README, "Gains": an unstable fixed point).
     """
-    if activation == "gelu":
-        return _gelu_gain()
-    if activation not in _TORCH_GAINS:
-        raise UserError(f"unknown activation {activation!r}; choose from {sorted([*_TORCH_GAINS, 'gelu'])}")
-    param = LEAKY_SLOPE if activation == "leaky_relu" else None
-    return float(nn.init.calculate_gain(_TORCH_GAINS[activation], param))
+    return activations.get(activation).gain
 
 
 @dataclass(frozen=True)
@@ -231,7 +208,7 @@ def apply(model: nn.Module, name: str, ctx: InitContext, init_bias: str | float 
     """Initialize ``model`` in place with scheme ``name``.
 
     Args:
-        model: built by :mod:`bench.models`; its constructors have already drawn
+        model: built by :mod:`bench.train.models`; its constructors have already drawn
             PyTorch's defaults (whose biases ``init_bias = "default"`` keeps).
         name: a key of :data:`INITS`.
         ctx: activation, scheme parameters and (for data-dependent schemes) a batch.

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bench import tasks
-from bench.engine import build_model, loss_per_job
 from bench.spec import Job
+from bench.train import tasks
+from bench.train.bundle import build_model, loss_per_job
 
 
 def make_optimizer(job: Job, params) -> torch.optim.Optimizer:

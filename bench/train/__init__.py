@@ -1,0 +1,7 @@
+"""Everything that builds and trains a model: the layer below results, reports and commands.
+
+``activations`` (the one activation registry), ``models``, ``tasks``, ``inits`` (schemes),
+``probes`` (statistics), ``optim`` (the flat (K, P) optimizer), ``bundle`` (what engines share),
+``stacked`` (the hand-stacked MLP engine) and ``reference`` (the plain ``nn.Module`` +
+``torch.optim`` loop every engine is tested against).
+"""

@@ -1,0 +1,64 @@
+"""What every engine shares: a job's model as PyTorch builds it, the loss, and the output arrays.
+
+Each job's model is built and initialized as a plain ``nn.Module`` (:func:`build_model`),
+exactly as a classic training loop would; engines then train many of them at once, and
+return a :class:`BundleOutput` that :mod:`bench.record` turns into tables.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from bench.spec import Job
+from bench.train import inits, models, tasks
+
+_BUILDING = threading.Lock()
+
+
+@dataclass
+class BundleOutput:
+    """Raw per-job arrays from one bundle; :mod:`bench.record` turns them into tables."""
+
+    log_steps: np.ndarray  # (n_log,) steps at which probes ran
+    losses: np.ndarray  # (steps + 1, K) minibatch loss of every step; NaN after divergence
+    val_loss: np.ndarray  # (n_log, K)
+    val_acc: np.ndarray  # (n_log, K); NaN for regression
+    grad_norm: np.ndarray  # (n_log, K) norm of the whole gradient
+    layer_stats: np.ndarray  # (n_log, K, depth, len(KINDS), len(STATS))
+    diverged_at: np.ndarray  # (K,) step of divergence, -1 if never
+    init_loss: np.ndarray  # (K,) loss at step 0 (the divergence reference)
+    null_loss: np.ndarray  # (K,) training loss of the best input-independent predictor (TaskData.null_loss)
+    input_q: np.ndarray  # (K,) mean squared input entry of the step-0 batch (for theory's q0)
+    dims: list[int]  # layer widths [d_in, hidden..., d_out]
+    final_params: list[list[torch.Tensor]] = field(default_factory=list)  # per job [W1, b1, ...]
+
+
+def build_model(job: Job, data: tasks.TaskData) -> nn.Sequential:
+    """The job's model as a plain nn.Sequential, initialized by its scheme with the job's init seed.
+
+    The global RNG is forked, so building a model never disturbs the caller's random state,
+    and the same job draws the same weights in any process, alone or bundled. One build at a
+    time per process: bundles trained by concurrent threads share that global RNG.
+    """
+    with _BUILDING, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(tasks.derive_seed(job.seed, "init"))
+        model = models.ARCHS[job.arch](data.d_in, data.d_out, job.depth, job.width, job.activation)
+        first = tasks.batch_schedule(job.seed, len(data.x_train), job.batch_size, 0)[0]
+        ctx = inits.InitContext(activation=job.activation, params=dict(job.init_params),
+                                data=data.x_train[first], forward=models.preactivations)
+        inits.apply(model, job.init, ctx, job.init_bias)
+    return model
+
+
+def loss_per_job(out: torch.Tensor, y: torch.Tensor, classes: int | None) -> torch.Tensor:
+    """Mean loss of each job over its batch: MSE for regression, cross-entropy for classes. Shape (K,)."""
+    if classes is None:
+        return ((out - y) ** 2).mean(dim=(1, 2))
+    k, b, c = out.shape
+    return F.cross_entropy(out.reshape(k * b, c), y.reshape(k * b), reduction="none").view(k, b).mean(1)
