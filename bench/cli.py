@@ -15,6 +15,26 @@ from collections.abc import Callable, Sequence
 from bench.errors import EXIT_USAGE, UserError
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that say how a sweep runs (``bench.sweep``, and ``bench.regress run`` and ``baseline``)."""
+    p.add_argument("--jobs", type=positive_int, help="worker processes (default: chosen from the work)")
+    p.add_argument("--backend", choices=["loky", "dask", "threading"], help="joblib backend (default: loky)")
+    p.add_argument("--scheduler", help="dask scheduler address, e.g. tcp://host:8786")
+    p.add_argument("--devices", help="auto | cpu | cuda | cuda:0,cuda:1 (default: auto)")
+    p.add_argument("--no-report", action="store_true", help="do not write report.html")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line and exit code 2.
 

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from bench.schema import KINDS, STATS
-from bench.spec import MetricsConfig
+from bench.settings import MetricsConfig
 
 METRICS = ("steps_to_target", "final_loss", "best_loss", "loss_auc", "final_val_loss", "final_val_acc",
            "diverged_at", "n_spikes", "grad_ratio_init", "act_ratio_init", "dead_frac_init",

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import tomllib
 
-from bench import cli, sweep
+from bench import cli, runner
 from bench.baseline import (
     VERSION,
     Baseline,
@@ -191,6 +191,14 @@ def report_doc(report: Report, baseline: Baseline, env: Mapping[str, Any], again
             "crashed": [{"key": k, "cell": report.labels[k], "errors": e} for k, e in report.crashed.items()]}
 
 
+def stored_policy(meta: Mapping[str, Any], where: str) -> Policy:
+    """The ``[regression]`` policy a sweep stored when it ran (validated then); from its spec text
+    for a store written before the policy was stored."""
+    if isinstance(meta.get("regression"), dict):
+        return parse_table(meta["regression"], f"{where} [regression]")
+    return spec_policy(str(meta.get("spec_text", "")), where)
+
+
 def spec_policy(spec_text: str, where: str) -> Policy:
     """The ``[regression]`` table of a sweep's stored spec text, as a policy (defaults if none)."""
     try:
@@ -206,7 +214,7 @@ def run_check(directory: Path, baseline: Baseline, fails: Sequence[tuple[str, To
     import bench
 
     results = bench.load(directory, traces=False)
-    policy = spec_policy(results.spec_text, str(results.meta.get("spec_path") or directory))
+    policy = stored_policy(results.meta, str(results.meta.get("spec_path") or directory))
     policy = policy.with_tolerances(fails)
     if alpha is not None:
         policy = replace(policy, alpha=alpha)
@@ -307,7 +315,7 @@ def _policy_flags(p: argparse.ArgumentParser) -> None:
 
 def _sweep_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="the sweep spec (TOML)")
-    sweep.add_run_flags(p)
+    cli.add_run_flags(p)
 
 
 def parser() -> cli.Parser:
@@ -383,24 +391,20 @@ def _save(directory: Path, to: Path, spec_path: str | None = None) -> int:
     return EXIT_OK
 
 
-def _sweep_argv(args: argparse.Namespace, spec_path: str, out: Path, fresh: bool) -> list[str]:
-    argv = [spec_path, "--out", str(out), "--no-report", *(["--fresh"] if fresh else [])]
-    for flag in ("jobs", "backend", "scheduler", "devices"):
-        if getattr(args, flag) is not None:
-            argv += [f"--{flag}", str(getattr(args, flag))]
-    return argv + (["--quiet"] if args.quiet else [])
+def _run_options(args: argparse.Namespace, out: Path, fresh: bool) -> runner.RunOptions:
+    return replace(runner.RunOptions.from_args(args), out=out, fresh=fresh, no_report=True)
 
 
 def _run(args: argparse.Namespace, baseline: Baseline) -> int:
     from bench import spec
 
-    out = args.out or sweep.default_out(spec.load(args.spec).name)
-    code = sweep.main(_sweep_argv(args, args.spec, out, fresh=not args.resume))
+    out = args.out or runner.default_out(spec.load(args.spec).name)
+    code = runner.run(args.spec, _run_options(args, out, fresh=not args.resume))
     if code not in (EXIT_OK, EXIT_FAILED):
-        return code  # bad input (2) or interrupted (130): nothing to check
+        return code  # interrupted (130) or terminated (143): nothing to check
     verdict = run_check(out, baseline, args.fail, args.alpha, args.allow_missing)
     if not args.no_report:
-        sweep.write_report(out, args.quiet)  # after regression.json exists, so the report shows it
+        runner.write_report(out, args.quiet)  # after regression.json exists, so the report shows it
     return max(code, verdict)
 
 
@@ -410,14 +414,14 @@ def _sweep_more_seeds(args: argparse.Namespace) -> tuple[int, Path]:
 
     original = spec.load(args.spec)
     text, seeds = widen_seeds(original.text, args.spec, args.seeds)
-    out = args.out or sweep.default_out(f"{original.name}-baseline")
+    out = args.out or runner.default_out(f"{original.name}-baseline")
     write_atomic(out / "spec.toml", text)
     print(f"regress: sweeping {args.spec} with seeds {seeds} into {out}")
-    code = sweep.main(_sweep_argv(args, str(out / "spec.toml"), out, fresh=args.fresh))
+    code = runner.run(out / "spec.toml", _run_options(args, out, fresh=args.fresh))
     if code == EXIT_FAILED:
         print(f"regress: some jobs crashed; not saving a baseline (see {out})", file=sys.stderr)
     elif code == EXIT_OK and not args.no_report:
-        sweep.write_report(out, args.quiet)
+        runner.write_report(out, args.quiet)
     return code, out
 
 
@@ -425,7 +429,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     import bench
 
     results = bench.load(args.dir, traces=False)
-    policy = spec_policy(results.spec_text, str(args.dir)).with_tolerances(args.fail)
+    policy = stored_policy(results.meta, str(args.dir)).with_tolerances(args.fail)
     policy = replace(policy, alpha=args.alpha) if args.alpha else policy
     cells = cells_from_runs(results.runs)
     n_baseline = args.baseline_seeds or args.seeds

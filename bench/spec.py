@@ -26,6 +26,8 @@ except ModuleNotFoundError:  # Python 3.10 (pyproject allows it): the same parse
     import tomli as tomllib
 
 from bench.errors import UserError, is_number
+from bench.policy import parse_table
+from bench.settings import MetricsConfig, RuntimeConfig
 from bench.train import activations, inits, models, tasks
 
 OPTIMIZERS = ("sgd", "adam")
@@ -119,36 +121,6 @@ TABLES = ("model", "task", "train", "init_params", "metrics", "runtime", "regres
 
 
 # --- what a spec becomes ---------------------------------------------------------
-@dataclass(frozen=True)
-class MetricsConfig:
-    """Thresholds that turn curves into metrics and pathology flags (see README)."""
-
-    target_ratio: float = 0.1  # converged: train loss <= target_ratio x its initial value
-    target_loss: float | None = None  # or an absolute target, when given
-    divergence_ratio: float = 10.0  # diverged: loss non-finite or > divergence_ratio x initial
-    spike_ratio: float = 2.0  # a spike: logged loss > spike_ratio x the best logged loss so far
-    vanishing_ratio: float = 1e-2  # grad_ratio_init below this: vanishing gradients
-    exploding_ratio: float = 1e2  # grad_ratio_init above this: exploding gradients
-    # act_ratio_init is a ratio of variances, so these are the gradient thresholds squared
-    vanishing_act_ratio: float = 1e-4  # act_ratio_init below this: vanishing activations
-    exploding_act_ratio: float = 1e4  # act_ratio_init above this (or non-finite activations): exploding
-    weight_growth_max: float = 10.0  # weight_growth above this: exploding weights
-    dead_max: float = 0.5  # dead_frac_init or dead_frac_final above this: dead units
-    symmetric_max: float = 0.5  # symmetric_frac_final above this: symmetric units
-    stall_ratio: float = 0.9  # best loss above stall_ratio x min(initial, null loss): stalled
-
-
-@dataclass(frozen=True)
-class RuntimeConfig:
-    """Where and how to run; command-line flags override these."""
-
-    devices: str = "auto"
-    jobs: int = 0  # 0: choose from the devices and the number of bundles
-    backend: str = "loky"
-    max_bundle: int = 64  # at most this many jobs trained as one stacked model
-    memory_mb: float = 2048.0  # and at most this much estimated training memory per bundle
-
-
 @dataclass(frozen=True)
 class Job:
     """One fully resolved configuration: every setting has a value."""
@@ -338,9 +310,7 @@ def _parse(raw: dict[str, Any], where: str, text: str) -> Spec:
 def _regression_table(table: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     if not table:
         return ()
-    from bench import regress  # imported lazily: regress itself builds on specs
-
-    regress.parse_table(table, "[regression]")  # raises UserError naming the key
+    parse_table(table, "[regression]")  # raises UserError naming the key
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in table.items()))
 
 

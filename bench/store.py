@@ -394,7 +394,7 @@ def load(directory: str | Path, *, traces: bool = True) -> Results:
         raise damaged(path, err) from None
     finally:
         con.close()
-    for key in ("axes", "env"):
+    for key in ("axes", "env", "metrics", "regression"):
         if key in meta:
             meta[key] = json.loads(meta[key])
     runs = pd.DataFrame.from_records(records)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import bench
-from bench import metrics, regress, spec, sweep, theory
+from bench import metrics, regress, runner, spec, sweep, theory
 from bench.schema import axis_column
 from bench.spec import MetricsConfig
 from bench.store import Results
@@ -220,7 +220,7 @@ def test_every_axis_kind_round_trips(tmp_path, capsys, seeds):
     written = pd.read_csv(out / "summary.csv")
     assert {"init.mode", "init.gain", "depth", "task.noise"} <= set(written.columns)
     assert "(mode=fan_out)" in (out / "report.html").read_text()
-    table = sweep.best_schemes(r.runs, r.axes)
+    table = runner.best_schemes(r.runs, r.axes)
     assert "best init per depth, lr, task.noise" in table.splitlines()[0] and "init.mode" in table
     assert regress.main(["save", str(out), "--to", str(tmp_path / "base.json")]) == 0
     capsys.readouterr()

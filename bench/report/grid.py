@@ -15,7 +15,7 @@ Conventions used throughout the report:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,7 @@ import seaborn as sns
 import tomllib
 
 from bench.schema import axis_column
-from bench.spec import MetricsConfig
+from bench.settings import MetricsConfig, metrics_from
 
 # Fixed scheme -> colour slot in seaborn's 'colorblind' palette, so that a scheme has the
 # same colour in every figure and in every report. Grey (7) and yellow (8) go to the
@@ -186,7 +186,7 @@ def prepare(runs: pd.DataFrame, meta: dict[str, Any]) -> Grid:
     seeds = runs["seed"].nunique() if "seed" in runs else 1
     return Grid(runs=runs, schemes=schemes, colors=scheme_colors(schemes), axes=axes, values=values,
                 y_axis=y_axis, x_axis=x_axis, extras=extras, reference=reference,
-                metrics=_metrics_config(spec.get("metrics", {})), has_seeds=seeds > 1,
+                metrics=_metrics_config(meta, spec), has_seeds=seeds > 1,
                 scheme_params=param_cols)
 
 
@@ -199,10 +199,12 @@ def _spec_tables(text: str) -> dict[str, Any]:
         return {}
 
 
-def _metrics_config(table: dict[str, Any]) -> MetricsConfig:
-    known = {f.name for f in fields(MetricsConfig)}
+def _metrics_config(meta: dict[str, Any], spec: dict[str, Any]) -> MetricsConfig:
+    """The thresholds the sweep validated and stored; a store from before that: its spec's table."""
+    if isinstance(meta.get("metrics"), dict):
+        return metrics_from(meta["metrics"])
     try:
-        return MetricsConfig(**{k: v for k, v in table.items() if k in known})
+        return metrics_from(spec.get("metrics", {}))
     except TypeError:
         return MetricsConfig()
 
