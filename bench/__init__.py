@@ -14,7 +14,8 @@ import os
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
-__version__ = "0.1.0"
+from bench.environment import VERSION as __version__  # noqa: E402 (after the OpenMP setting)
+
 __all__ = ["load", "summarize", "__version__"]
 
 

@@ -13,7 +13,8 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
-from bench import __version__, cli
+from bench import cli
+from bench.environment import VERSION as __version__
 
 # name -> (module whose main(argv) runs it, one line of help). A new command is one entry.
 COMMANDS: dict[str, tuple[str, str]] = {

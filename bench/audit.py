@@ -10,13 +10,9 @@ beyond sampling error. See docs/audit.md.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import os
-import platform
 import sys
-import tempfile
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -28,9 +24,10 @@ import torch
 from scipy import stats
 from torch import nn
 
-import bench
-from bench import cli
+from bench import cli, factories
+from bench.environment import environment
 from bench.errors import EXIT_FAILED, EXIT_OK, UserError
+from bench.files import write_atomic
 
 FORMAT = "initbench-audit"
 VERSION = 1
@@ -149,17 +146,8 @@ class Baseline:
 
 def load_factory(spec: str) -> Builder:
     """Resolve 'pkg.module:fn' to a zero-argument callable returning an nn.Module."""
-    mod_name, sep, fn_name = spec.partition(":")
-    if not sep or not mod_name or not fn_name.isidentifier():
-        raise UserError(f"--factory {spec!r} is not of the form pkg.module:fn")
-    try:
-        module = importlib.import_module(mod_name)
-    except Exception as err:  # a user module can fail on import in any way
-        why = f"{type(err).__name__}: {err}"
-        raise UserError(f"--factory {spec!r}: cannot import {mod_name!r}: {why}") from err
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise UserError(f"--factory {spec!r}: {mod_name!r} has no callable {fn_name!r}")
+    fn = factories.load(spec, "--factory")
+    fn_name = spec.partition(":")[2]
 
     def build() -> nn.Module:
         try:
@@ -320,27 +308,11 @@ def compare(old: Sequence[Fingerprint], new: Sequence[Fingerprint]) -> list[Chan
     return changes
 
 
-def environment() -> dict:
-    """What produced a file: versions and host, so a moved fingerprint can be traced to an upgrade."""
-    return {"torch": torch.__version__, "initbench": bench.__version__, "python": platform.python_version(),
-            "numpy": np.__version__, "host": platform.node()}
-
-
 def save(path: Path, fps: Sequence[Fingerprint], settings: dict) -> None:
-    """Write fingerprints atomically (temp file in the same folder, then os.replace)."""
+    """Write fingerprints atomically (bench.files.write_atomic), with the environment that drew them."""
     doc = {"format": FORMAT, "version": VERSION, "environment": environment(), "settings": settings,
            "fingerprints": [asdict(fp) for fp in fps]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(doc, fh, indent=1, allow_nan=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(doc, indent=1, allow_nan=False))
 
 
 def _num(v: object) -> bool:
@@ -434,7 +406,8 @@ def _main(argv: Sequence[str] | None) -> int:
     selected = set(modules) | ({FACTORY} if args.factory else set())
     changes = compare([fp for fp in baseline.fingerprints if fp.module in selected], fps)
     env, settings = baseline.environment, baseline.settings
-    print(f"audit: baseline torch {env.get('torch')}, seed {settings.get('seed')}; "
+    torch_before = env.get("torch_version") or env.get("torch")  # files before bench.environment: "torch"
+    print(f"audit: baseline torch {torch_before}, seed {settings.get('seed')}; "
           f"this run torch {torch.__version__}, seed {args.seed}")
     if not changes:
         print(f"audit: {len(fps)} fingerprints match {args.against}")

@@ -12,9 +12,7 @@ import datetime
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from bench.environment import VERSION as PACKAGE_VERSION
 from bench.errors import UserError
+from bench.files import write_atomic
+from bench.job import SETTING_NAMES
 from bench.schema import axis_column
 from bench.verdict import STORED, Cell
 
@@ -57,11 +58,9 @@ def cell_key(settings: Mapping[str, Any]) -> str:
 
 def cells_from_runs(runs) -> dict[str, Cell]:
     """Group a runs table (``bench.load(DIR).runs``) into cells keyed by :func:`cell_key`."""
-    from bench.spec import SETTINGS
-
     if runs is None or not len(runs):
         raise UserError("the sweep has no runs yet; run bench.sweep first")
-    columns = [c for c in runs.columns if c in SETTINGS or c.startswith(("init.", "task."))]
+    columns = [c for c in runs.columns if c in SETTING_NAMES or c.startswith(("init.", "task."))]
     cells: dict[str, Cell] = {}
     for row in runs.to_dict("records"):
         settings = {c: _canon(row[c]) for c in columns if c != "seed" and not _missing(row[c])}
@@ -120,31 +119,6 @@ def decode(x: Any) -> float:
     return float(x)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a file atomically: a temp file in the same folder, fsync, then ``os.replace``."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as err:
-        raise UserError(f"cannot write {path}: {err}") from None
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a committed file should be readable
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def dumps(doc: Mapping[str, Any], flat: str = "cells") -> str:
     """JSON with one line per item of ``doc[flat]``: a refreshed baseline diffs cell by cell."""
     head = json.dumps({k: v for k, v in doc.items() if k != flat}, indent=1, allow_nan=False)
@@ -158,16 +132,16 @@ def save(directory: str | Path, path: str | Path, spec_path: str | None = None) 
     Settings shared by every cell are written once (``settings``); each cell keeps the rest.
     ``spec_path`` names the spec in the file when the sweep ran a rewritten copy of it.
     """
-    import bench
+    from bench.store import load
 
-    results = bench.load(directory, traces=False)
+    results = load(directory, traces=False)
     cells = cells_from_runs(results.runs)
     names = labels(list(cells.values()), results.axes)
     first, *rest = cells.values()
     common = {k: v for k, v in first.settings.items() if all(c.settings.get(k, _ABSENT) == v for c in rest)}
     doc = {"format": FORMAT, "version": VERSION,
            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "environment": {**results.meta.get("env", {}), "saved_by": f"initbench {bench.__version__}"},
+           "environment": {**results.meta.get("env", {}), "saved_by": f"initbench {PACKAGE_VERSION}"},
            "spec": {"name": results.meta.get("spec_name", ""),
                     "path": spec_path or results.meta.get("spec_path", ""), "text": results.spec_text},
            "axes": results.axes, "metrics": list(STORED), "settings": common,

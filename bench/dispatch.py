@@ -29,9 +29,11 @@ from joblib.externals.loky import get_reusable_executor
 from joblib.externals.loky.process_executor import BrokenProcessPool
 
 from bench import record
+from bench.environment import environment
 from bench.errors import UserError
+from bench.job import Job
 from bench.record import JobResult
-from bench.spec import Job, MetricsConfig
+from bench.settings import MetricsConfig
 from bench.train.stacked import flops_per_step, train
 
 log = logging.getLogger(__name__)
@@ -169,7 +171,7 @@ def run_bundle(jobs: tuple[Job, ...], cfg: MetricsConfig, device: str, threads: 
         torch.set_num_threads(threads)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
-    env = record.environment(device)
+    env = environment(device)
     start = time.perf_counter()
     try:
         out = train(list(jobs), divergence_ratio=cfg.divergence_ratio, device=device)
@@ -314,7 +316,7 @@ class _Dask:
         """One job as its own dask task; a worker it kills, or no worker at all, is its failure."""
         if self.lost.is_set():
             return [record.failed(job, f"no dask worker left to retry it (after: {cause})",
-                                  record.environment(device))]
+                                  environment(device))]
         with self.watchdog():
             future = self.client.submit(run_bundle, (job,), cfg, device, 0, pure=False, retries=0)
             try:
@@ -322,7 +324,7 @@ class _Dask:
             except Exception as err:  # noqa: BLE001 - KilledWorker, CancelledError: the job's failure
                 why = "no dask worker left" if self.lost.is_set() else f"{type(err).__name__}: {err}"
                 return [record.failed(job, f"{why} while training this job alone (after: {cause})",
-                                      record.environment(device))]
+                                      environment(device))]
 
     def close(self) -> None:
         self.client.close()
@@ -398,7 +400,7 @@ def execute(bundles: list[Bundle], cfg: MetricsConfig, *, workers: int, backend:
                 todo = crash.untouched
                 if dask and dask.lost.is_set():  # nothing left to run on: record, don't wait
                     lost = [j for b in todo for j in b.jobs]
-                    env = record.environment(todo[0].device) if todo else {}
+                    env = environment(todo[0].device) if todo else {}
                     yield from (record.failed(j, "no dask worker left to run it", env) for j in lost)
                     todo = []
     finally:
@@ -504,7 +506,7 @@ def _isolated(job: Job, cfg: MetricsConfig, device: str, threads: int, cause: st
     except BrokenProcessPool as err:
         return [record.failed(job, f"{_crash_cause(err)} while training this job alone "
                               f"(retried after its bundle's worker died: {cause})",
-                              record.environment(device))]
+                              environment(device))]
 
 
 def _thread_cap() -> int:

@@ -7,28 +7,18 @@ result too, with ``status = "failed"`` and its error: never a missing row.
 
 from __future__ import annotations
 
-import platform
-import socket
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from bench import metrics, theory
 from bench.errors import UserError
+from bench.job import Job
 from bench.schema import CURVE_COLUMNS, KINDS, LAYER_COLUMNS, STATS, STATUSES
-from bench.spec import Job, MetricsConfig
+from bench.settings import MetricsConfig
 from bench.train.bundle import BundleOutput
-
-
-def environment(device: str = "cpu") -> dict[str, str]:
-    """Where a result was computed: stored with every row (and in the store's metadata)."""
-    import bench
-
-    return {"device": device, "host": socket.gethostname(), "torch_version": torch.__version__,
-            "python": platform.python_version(), "initbench": bench.__version__}
 
 
 @dataclass

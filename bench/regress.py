@@ -37,9 +37,9 @@ from bench.baseline import (
     save,
     subset,
     widen_seeds,
-    write_atomic,
 )
 from bench.errors import EXIT_FAILED, EXIT_OK, UserError
+from bench.files import write_atomic
 from bench.verdict import (
     METRICS,
     STORED,
@@ -211,9 +211,9 @@ def spec_policy(spec_text: str, where: str) -> Policy:
 def run_check(directory: Path, baseline: Baseline, fails: Sequence[tuple[str, Tolerance]],
               alpha: float | None, allow_missing: bool) -> int:
     """Check a sweep directory against a loaded baseline; print and write the report; the exit code."""
-    import bench
+    from bench.store import load
 
-    results = bench.load(directory, traces=False)
+    results = load(directory, traces=False)
     policy = stored_policy(results.meta, str(results.meta.get("spec_path") or directory))
     policy = policy.with_tolerances(fails)
     if alpha is not None:
@@ -426,9 +426,9 @@ def _sweep_more_seeds(args: argparse.Namespace) -> tuple[int, Path]:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    import bench
+    from bench.store import load
 
-    results = bench.load(args.dir, traces=False)
+    results = load(args.dir, traces=False)
     policy = stored_policy(results.meta, str(args.dir)).with_tolerances(args.fail)
     policy = replace(policy, alpha=args.alpha) if args.alpha else policy
     cells = cells_from_runs(results.runs)

@@ -383,9 +383,9 @@ REPRODUCTIONS: dict[str, tuple[Callable, Callable]] = {
 
 def render(directory: str | Path, out: str | Path) -> tuple[str, str, Path]:
     """Load one reproduction's sweep directory; write its figure; return (name, markdown table, png)."""
-    import bench
+    from bench.store import load
 
-    results = bench.load(directory)
+    results = load(directory)
     name = str(results.meta.get("spec_name", ""))
     if name not in REPRODUCTIONS:
         raise UserError(f"{directory}: sweep {name!r} is not a reproduction; "

@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from bench.environment import environment
 from bench.errors import EXIT_FAILED, EXIT_OK
 from bench.schema import axis_column
 from bench.settings import metrics_dict
@@ -125,12 +126,11 @@ def _sweep(spec_path: str, args: RunOptions, stop: threading.Event) -> int:
               f"{workers or 'no'} worker processes; results -> {out}")
         return EXIT_OK
 
-    from bench import record
 
     meta = {"spec_text": sweep.text, "spec_path": sweep.path, "spec_name": sweep.name,
             "axes": [axis_column(k) for k, _ in sweep.grid],
             "metrics": metrics_dict(sweep.metrics), "regression": dict(sweep.regression),
-            "env": record.environment(",".join(devices))}
+            "env": environment(",".join(devices))}
     db = store.Store.open(out, fingerprint=sweep.fingerprint, meta=meta, fresh=args.fresh)
     counts = {"ok": 0, "diverged": 0, "failed": 0}
     bar = None
@@ -207,9 +207,9 @@ def _progress(total: int, done: int):
 
 
 def _print_summary(out: Path, resumed: int, counts: dict[str, int]) -> None:
-    import bench
+    from bench.store import load
 
-    results = bench.load(out, traces=False)
+    results = load(out, traces=False)
     runs = results.runs
     print(f"\n{len(runs)} jobs in {out}: " + ", ".join(f"{v} {k}" for k, v in
                                                       runs["status"].value_counts().items())

@@ -26,6 +26,7 @@ except ModuleNotFoundError:  # Python 3.10 (pyproject allows it): the same parse
     import tomli as tomllib
 
 from bench.errors import UserError, is_number
+from bench.job import Job
 from bench.policy import parse_table
 from bench.settings import MetricsConfig, RuntimeConfig
 from bench.train import activations, inits, models, tasks
@@ -121,52 +122,6 @@ TABLES = ("model", "task", "train", "init_params", "metrics", "runtime", "regres
 
 
 # --- what a spec becomes ---------------------------------------------------------
-@dataclass(frozen=True)
-class Job:
-    """One fully resolved configuration: every setting has a value."""
-
-    arch: str
-    depth: int
-    width: int
-    activation: str
-    init: str
-    init_bias: str | float
-    task: str
-    optimizer: str
-    lr: float
-    momentum: float
-    weight_decay: float
-    betas: tuple[float, float]
-    steps: int
-    batch_size: int
-    log_every: int
-    seed: int
-    init_params: tuple[tuple[str, Any], ...] = ()  # the parameters of this job's scheme only
-    task_params: tuple[tuple[str, Any], ...] = ()
-
-    @property
-    def job_id(self) -> str:
-        """Stable id: the hash of the canonical settings (same settings, same id, anywhere)."""
-        blob = json.dumps(self.settings(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    def settings(self) -> dict[str, Any]:
-        """Flat settings: scheme parameters as ``init.<name>``, task ones as ``task.<name>``."""
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            if f.name not in ("init_params", "task_params"):
-                value = getattr(self, f.name)
-                out[f.name] = list(value) if isinstance(value, tuple) else value
-        out.update({f"init.{k}": v for k, v in self.init_params})
-        out.update({f"task.{k}": v for k, v in self.task_params})
-        return out
-
-    def shape_key(self) -> tuple:
-        """What jobs must share to be trained together as one stacked bundle."""
-        return (self.arch, self.depth, self.width, self.activation, self.task, self.task_params,
-                self.optimizer, self.steps, self.batch_size, self.log_every)
-
-
 @dataclass(frozen=True)
 class Spec:
     """A validated sweep: its name, the grid, the fixed settings and the configs."""

@@ -86,9 +86,9 @@ def _full_batch(run: pd.Series) -> bool:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = parser().parse_args(argv)
-    import bench
+    from bench.store import load
 
-    results = bench.load(args.dir)
+    results = load(args.dir)
     run = pick_job(results.runs, args.job)
     lines = epoch_lines(results.layers, run, _full_batch(run))
     if not lines:

@@ -151,7 +151,7 @@ def test_cli_save_then_against_same_and_different_seed(tmp_path):
     assert saved.returncode == 0, saved.stderr
     doc = json.loads(base.read_text())
     assert doc["format"] == audit.FORMAT and doc["version"] == audit.VERSION
-    assert doc["environment"]["torch"] == torch.__version__ and "host" in doc["environment"]
+    assert doc["environment"]["torch_version"] == torch.__version__ and "host" in doc["environment"]
     assert not list(base.parent.glob("*.tmp"))
     for seed in ("0", "1"):
         checked = cli(*common, "--seed", seed, "--against", str(base))

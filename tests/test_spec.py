@@ -374,3 +374,10 @@ def _toml(values: list) -> str:
         return repr(v)
 
     return one(values)
+
+
+def test_job_fields_are_the_spec_settings():
+    """Readers of results (baselines, exporters) know the settings from bench.job without torch."""
+    from bench.job import SETTING_NAMES
+
+    assert set(SETTING_NAMES) == set(spec.SETTINGS)

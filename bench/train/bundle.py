@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bench.spec import Job
+from bench.job import Job
 from bench.train import inits, models, tasks
 
 _BUILDING = threading.Lock()

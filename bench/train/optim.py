@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.spec import Job
+from bench.job import Job
 
 ADAM_EPS = 1e-8  # torch.optim.Adam's default
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bench.spec import Job
+from bench.job import Job
 from bench.train import tasks
 from bench.train.bundle import build_model, loss_per_job
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from bench.job import Job
 from bench.schema import KINDS, STATS
-from bench.spec import Job
 from bench.train import activations, models, tasks
 from bench.train.bundle import BundleOutput, build_model, loss_per_job
 from bench.train.optim import FlatOptimizer

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any
 
 import torch
 
+from bench import factories
 from bench.errors import UserError, is_number
 
 
@@ -149,15 +149,7 @@ TASKS: dict[str, Task] = {
 
 
 def _factory(name: str) -> Callable[..., tuple]:
-    module_name, _, attr = name.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as err:  # noqa: BLE001 - any import failure is the user's to fix
-        raise UserError(f"task = {name!r}: cannot import {module_name!r}: {err}") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise UserError(f"task = {name!r}: {module_name!r} has no function {attr!r}")
-    return fn
+    return factories.load(name, "task")
 
 
 def resolve_params(name: str, given: dict[str, Any]) -> dict[str, Any]:
