@@ -147,3 +147,25 @@ def test_gates_start_at_one_so_the_architecture_is_unchanged():
 def test_bad_settings_are_user_errors(call, message):
     with pytest.raises(UserError, match=re.escape(message)):
         call()
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # SDPA has no CPU batching rule
+@pytest.mark.parametrize(("arch", "in_shape", "out_dim", "settings"), CASES, ids=IDS)
+def test_vmap_functional_call_matches_each_model(arch, in_shape, out_dim, settings):
+    # What the any-module engine does: K jobs' parameters stacked, one forward over a base copy.
+    # The base must be a real copy: ``.to("meta")`` unties a tied head from ``tok`` (torch 2.13),
+    # and functional_call then reads garbage for ``head.weight``.
+    import copy
+
+    from torch.func import functional_call, stack_module_state, vmap
+
+    models = [build(arch, in_shape, out_dim, settings, depth=2) for _ in range(3)]
+    for k, model in enumerate(models):
+        torch.manual_seed(k)
+        for p in model.parameters():
+            p.data.normal_(0, 0.1)
+    params, buffers = stack_module_state(models)
+    base = copy.deepcopy(models[0])
+    x = batch(arch, in_shape, out_dim, n=4)
+    out = vmap(lambda p, b: functional_call(base, (p, b), (x,)))(params, buffers)
+    torch.testing.assert_close(out, torch.stack([m(x) for m in models]))
