@@ -296,6 +296,24 @@ def test_missing_structure_is_a_clear_user_error(call, message):
         call()
 
 
+@pytest.mark.parametrize("scheme", ["zero_residual", "fixup", "gpt2"])
+def test_a_scheme_that_raises_leaves_the_model_untouched(scheme):
+    model = resmlp(depth=2, gates=True)  # fixup: no scalar biases
+    model.blocks[1].branch_ends = ("fc3.weight",)  # zero_residual, gpt2: a name that does not resolve
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UserError):
+        R.RESIDUAL_INITS[scheme].apply(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_fixup_needs_two_layers_per_branch():
+    model = resmlp(depth=2, gates=True, scalar_biases=True)
+    model.blocks[0].branch_layers = (("fc2.weight",),)
+    message = "blocks.0 has a branch of 1 layer; the rule L^(-1/(2m-2)) needs m >= 2"
+    with pytest.raises(UserError, match=re.escape(message)):
+        R.fixup_(model)
+
+
 def test_a_branch_end_that_does_not_resolve_is_named():
     model = resmlp(depth=1)
     model.blocks[0].branch_ends = ("fc3.weight",)

@@ -144,11 +144,14 @@ def zero_residual_(model: nn.Module, *, activation: str = "relu") -> None:
     branch-final norm (``branch_norms``) = 0 where one exists, else its last layer's weight
     (``branch_ends``) = 0. Every block starts as the identity.
     """
-    _he_base_(model, activation)
+    targets = []  # resolved before anything is drawn: a bad name leaves the model untouched
     for name, block, i in branches(model, "zero_residual"):
         norms = tuple(getattr(block, "branch_norms", ()) or ())
         target = norms[i] if i < len(norms) and norms[i] is not None else block.branch_ends[i]
-        param(block, name, target, "zero_residual").zero_()
+        targets.append(param(block, name, target, "zero_residual"))
+    _he_base_(model, activation)
+    for target in targets:
+        target.zero_()
 
 
 @torch.no_grad()
@@ -171,19 +174,19 @@ def fixup_(model: nn.Module, *, activation: str = "relu") -> None:
         block_attr(block, name, "branch_layers", "fixup", " (Fixup needs each branch's layers)")
         block_attr(block, name, "branch_gates", "fixup", hint)
         block_attr(block, name, "scalar_biases", "fixup", hint)
-    layer_lists = [(name, block, chain) for name, block in found for chain in block.branch_layers]
-    total = len(layer_lists)
-    _he_base_(model, activation)
-    for name, block, chain in layer_lists:
-        m = len(chain)
-        if m < 2:
-            raise UserError(f"init 'fixup': {name} has a branch of {m} layer; the rule L^(-1/(2m-2)) "
-                            "needs m >= 2")
-        scale = total ** (-1.0 / (2 * m - 2))
-        for rel in chain[:-1]:
-            he_normal_(param(block, name, rel, "fixup"), activation, scale)
-        param(block, name, chain[-1], "fixup").zero_()
+        for chain in block.branch_layers:
+            if len(chain) < 2:
+                raise UserError(f"init 'fixup': {name} has a branch of {len(chain)} layer; the rule "
+                                "L^(-1/(2m-2)) needs m >= 2 layers per branch")
+    chains = [[param(block, name, rel, "fixup") for rel in chain]
+              for name, block in found for chain in block.branch_layers]
     out = head(model, "fixup")
+    _he_base_(model, activation)
+    for chain in chains:
+        scale = len(chains) ** (-1.0 / (2 * len(chain) - 2))  # L^(-1/(2m-2))
+        for w in chain[:-1]:
+            he_normal_(w, activation, scale)
+        chain[-1].zero_()
     out.weight.zero_()
     if getattr(out, "bias", None) is not None:
         out.bias.zero_()
@@ -230,15 +233,15 @@ def gpt2_(model: nn.Module, *, activation: str = "relu", std: float = 0.02) -> N
     q, k, v are one (3 width, width) matrix, as nanoGPT's ``c_attn``; with i.i.d. entries
     that equals three separate draws. A tied head is the token embedding: drawn once.
     """
-    found = branches(model, "gpt2")
+    ends = [param(block, name, block.branch_ends[i], "gpt2") for name, block, i in branches(model, "gpt2")]
     for module in model.modules():
         if isinstance(module, (*LAYERS, nn.Embedding)):
             module.weight.normal_(0.0, std)
             if getattr(module, "bias", None) is not None:
                 module.bias.zero_()
     _neutral_(model)
-    for name, block, i in found:
-        param(block, name, block.branch_ends[i], "gpt2").normal_(0.0, std / math.sqrt(len(found)))
+    for end in ends:
+        end.normal_(0.0, std / math.sqrt(len(ends)))
 
 
 @torch.no_grad()
@@ -253,7 +256,8 @@ def small_init_(model: nn.Module, *, width: int, activation: str = "relu",
     n_layers = the number of blocks (this needs the residual convention; plain small init
     applies to any model). q, k, v: one matrix (i.i.d. entries: same as three).
     """
-    found = branches(model, "small_init") if wang_outputs else []
+    ends = ([param(block, name, block.branch_ends[i], "small_init")
+             for name, block, i in branches(model, "small_init")] if wang_outputs else [])
     std = math.sqrt(2.0 / (5.0 * width))
     for module in model.modules():
         if isinstance(module, (*LAYERS, nn.Embedding)):
@@ -263,8 +267,8 @@ def small_init_(model: nn.Module, *, width: int, activation: str = "relu",
     _neutral_(model)
     if wang_outputs:
         wang = 2.0 / (len(model.blocks) * math.sqrt(width))
-        for name, block, i in found:
-            param(block, name, block.branch_ends[i], "small_init").normal_(0.0, wang)
+        for end in ends:
+            end.normal_(0.0, wang)
 
 
 # --------------------------------------------------------------------------- muP
@@ -351,18 +355,18 @@ def mup_(model: nn.Module, *, base_shapes: Shapes, activation: str = "relu", out
     out = head(model, "mup")
     is_tied = tied(model, out)
     names = {id(p): n for n, p in model.named_parameters()}
+    layers = [(m, shapes[names[id(m.weight)]]) for m in model.modules()
+              if isinstance(m, LAYERS) and m is not out]
+    for module, shape in layers:
+        if not shape.inf[0] and shape.inf[1]:
+            raise UserError(f"init 'mup': {names[id(module.weight)]} maps width to a fixed size but is not "
+                            "'head' (mup allows one readout: name it 'head')")
     for module in model.modules():
         # A tied head keeps the embedding's draw (mup's MuSharedReadout does not redraw it).
         if hasattr(module, "reset_parameters") and module is not model and not (module is out and is_tied):
             module.reset_parameters()
     _neutral_(model)
-    for module in model.modules():
-        if not isinstance(module, LAYERS) or module is out:
-            continue
-        shape = shapes[names[id(module.weight)]]
-        if not shape.inf[0] and shape.inf[1]:
-            raise UserError(f"init 'mup': {names[id(module.weight)]} maps width to a fixed size but is not "
-                            "'head' (mup allows one readout: name it 'head')")
+    for module, shape in layers:
         if module.bias is not None:
             module.bias.mul_(math.sqrt(shape.mults[1]))
     readout = shapes[names[id(out.weight)]]
