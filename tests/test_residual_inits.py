@@ -296,6 +296,51 @@ def test_missing_structure_is_a_clear_user_error(call, message):
         call()
 
 
+class UserBlock(nn.Module):
+    """The user block of bench.train.architectures' docstring, verbatim."""
+
+    branch_ends = ("fc2.weight",)
+    branch_layers = (("fc1.weight", "fc2.weight"),)
+    branch_gates = ("gate",)
+    scalar_biases = ("b1", "b2")
+
+    def __init__(self, width):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, width)
+        self.gate = nn.Parameter(torch.ones(1))
+        self.b1, self.b2 = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return x + self.gate * self.fc2(torch.relu(self.fc1(x + self.b1)) + self.b2)
+
+
+class UserNet(nn.Module):
+    def __init__(self, width=32, depth=16):
+        super().__init__()
+        self.blocks = nn.ModuleList(UserBlock(width) for _ in range(depth))
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("scheme", ["zero_residual", "fixup", "skipinit", "rezero", "gpt2"])
+def test_a_user_model_following_the_convention_takes_every_residual_scheme(scheme):
+    torch.manual_seed(0)
+    net = UserNet()
+    R.RESIDUAL_INITS[scheme].apply(net)
+    x = torch.randn(256, 32)
+    seen = {}
+    net.blocks[-1].register_forward_hook(lambda m, i, o: seen.update(out=o))
+    net(x)
+    if scheme != "gpt2":  # every other scheme starts each block as the identity
+        torch.testing.assert_close(seen["out"], x)
+    else:
+        assert_std([b.fc2.weight for b in net.blocks], 0.02 / 4)
+
+
 @pytest.mark.parametrize("scheme", ["zero_residual", "fixup", "gpt2"])
 def test_a_scheme_that_raises_leaves_the_model_untouched(scheme):
     model = resmlp(depth=2, gates=True)  # fixup: no scalar biases

@@ -39,6 +39,25 @@ The residual convention (what residual init schemes read; user factories can fol
 
 A scheme that needs structure a model lacks raises a UserError naming the scheme and the
 missing attribute (and the setting that builds it for built-in architectures).
+
+A user block that every residual scheme accepts::
+
+    class Block(nn.Module):
+        branch_ends = ("fc2.weight",)
+        branch_layers = (("fc1.weight", "fc2.weight"),)
+        branch_gates = ("gate",)
+        scalar_biases = ("b1", "b2")
+
+        def __init__(self, width):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, width)
+            self.gate = nn.Parameter(torch.ones(1))
+            self.b1, self.b2 = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return x + self.gate * self.fc2(torch.relu(self.fc1(x + self.b1)) + self.b2)
+
+and the model holds ``self.blocks = nn.ModuleList(...)`` and ``self.head``.
 """
 
 from __future__ import annotations
