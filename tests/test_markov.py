@@ -107,3 +107,12 @@ def test_a_tiny_gpt_learns_the_chain_down_to_near_its_floor():
         val = float(F.cross_entropy(model(xv).flatten(0, 1), yv.flatten()))
     floor, null = c.loss_floor(16), M.null_entropy(c)
     assert floor - 0.05 < val < floor + 0.25 * (null - floor)  # measured 1.485; floor 1.424, null 2.015
+
+
+def test_why_markov_is_not_a_tasks_entry_yet():
+    # tasks._check flattens (N, T) targets to N * T labels beside N float rows, without an error.
+    # When this test fails, _check handles sequences: add markov to tasks.TASKS.
+    from bench.train import tasks
+
+    data = tasks._check("markov", load(seq_len=8))
+    assert data.x_train.dtype == torch.float32 and data.y_train.shape == (64 * 8,)

@@ -6,10 +6,12 @@ concentration < 1 the rows are peaked, so the loss floor (the chain's entropy ra
 well below log(vocab), and a model that learns the chain is told apart from one that
 learns only token frequencies.
 
-Why not a ``bench.train.tasks.TASKS`` entry: ``tasks._check`` flattens inputs to 2-D float
-rows and targets to one integer label per sample; (N, T) token targets fail its length
-check. :func:`markov` has the tasks' loader signature and :data:`DEFAULTS` their settings
-format, so the entry is one line once the engine takes sequence targets.
+Why not a ``bench.train.tasks.TASKS`` entry: ``tasks._check`` assumes one label per sample.
+It casts x to float and reshapes integer targets with ``reshape(-1)`` *after* its length
+check, so (N, T) targets pass it and come out as N * T labels beside N input rows: silently
+wrong data, not an error (tests/test_markov.py pins this down). :func:`markov` has the tasks'
+loader signature and :data:`DEFAULTS` their settings format, so the entry is one line once
+``_check`` keeps (N, T) int64 tokens and targets.
 """
 
 from __future__ import annotations
