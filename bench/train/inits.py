@@ -416,32 +416,29 @@ def parse_rule(raw: Any, where: str) -> Rule:
     """Validate one rule table from a spec; every problem is a UserError naming ``where``."""
     if not isinstance(raw, dict):
         raise UserError(f"{where} = {raw!r}: expected a table like {{match = \"head.weight\", value = 0.0}}")
+    name = raw.get("init")
+    if "init" in raw and name not in rule_schemes():
+        raise UserError(f"{where}: init = {name!r}: unknown or not per-parameter; "
+                        f"choose from {rule_schemes()}")
+    own = INITS[name].params if "init" in raw else {}
+    for key in raw:
+        if key not in RULE_KEYS and key not in own:
+            extra = f" or {name!r}'s parameters {sorted(own)}" if own else ""
+            raise UserError(f"{where}: unknown key {key!r}; choose from {list(RULE_KEYS)}{extra}")
     match = raw.get("match")
     if not isinstance(match, str) or not match:
-        raise UserError(f"{where}: 'match' = {match!r}: expected a glob over parameter names, "
+        raise UserError(f"{where}: match = {match!r}: expected a glob over parameter names, "
                         "e.g. \"head.weight\" or \"blocks.*.fc2.weight\"")
     actions = [k for k in ("init", "scale", "value") if k in raw]
     if len(actions) != 1:
         raise UserError(f"{where}: give exactly one of 'init', 'scale' or 'value', got {actions or 'none'}")
-    action = actions[0]
-    extra = sorted(set(raw) - set(RULE_KEYS))
-    if action != "init" and extra:
-        raise UserError(f"{where}: unknown key {extra[0]!r}; choose from {list(RULE_KEYS)}")
-    if action == "init":
-        name = raw["init"]
-        if name not in rule_schemes():
-            raise UserError(f"{where}: init = {name!r}: unknown or not per-parameter; choose from "
-                            f"{rule_schemes()}")
-        for key in extra:
-            if key not in INITS[name].params:
-                raise UserError(f"{where}: unknown key {key!r}; choose from {list(RULE_KEYS)} or "
-                                f"{name!r}'s parameters {sorted(INITS[name].params)}")
-        given = {k: check_param(name, k, raw[k], f"{where} {k}") for k in extra}
+    if "init" in raw:
+        given = {k: check_param(name, k, v, f"{where} {k}") for k, v in raw.items() if k in own}
         return Rule(match, init=name, params=tuple(sorted(resolve_params(name, given).items())))
-    number = raw[action]
-    if not is_number(number):
-        raise UserError(f"{where}: {action} = {number!r}: expected a finite number")
-    return Rule(match, **{action: float(number)})
+    action = actions[0]
+    if not is_number(raw[action]):
+        raise UserError(f"{where}: {action} = {raw[action]!r}: expected a finite number")
+    return Rule(match, **{action: float(raw[action])})
 
 
 def check_rules(model: nn.Module, rules: Sequence[Rule], where: str = "init rules") -> None:
