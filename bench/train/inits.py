@@ -434,7 +434,11 @@ def parse_rule(raw: Any, where: str) -> Rule:
         raise UserError(f"{where}: give exactly one of 'init', 'scale' or 'value', got {actions or 'none'}")
     if "init" in raw:
         given = {k: check_param(name, k, v, f"{where} {k}") for k, v in raw.items() if k in own}
-        return Rule(match, init=name, params=tuple(sorted(resolve_params(name, given).items())))
+        try:
+            params = resolve_params(name, given)
+        except UserError as err:
+            raise UserError(f"{where}: {err}") from None
+        return Rule(match, init=name, params=tuple(sorted(params.items())))
     action = actions[0]
     if not is_number(raw[action]):
         raise UserError(f"{where}: {action} = {raw[action]!r}: expected a finite number")
