@@ -461,3 +461,10 @@ def test_trunc_normal_bounds_are_in_units_of_std():
     assert inits.check_param("trunc_normal", "a", -3, "x") == -3.0
     with pytest.raises(UserError, match="must be below b"):
         spec.parse('[model]\ninit = "trunc_normal"\n[init_params.trunc_normal]\na = 1\nb = 1\n', "t.toml")
+
+
+def test_the_readme_rules_example_parses():
+    text = (ROOT / "README.md").read_text()
+    start = text.index("```toml", text.index("## Init rules by parameter name")) + len("```toml")
+    jobs = spec.parse(text[start:text.index("```", start)], "README.md").jobs()
+    assert [j.rules for j in jobs] == ["none", "zero_head", "rl_head"]
