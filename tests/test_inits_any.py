@@ -468,3 +468,20 @@ def test_the_readme_rules_example_parses():
     start = text.index("```toml", text.index("## Init rules by parameter name")) + len("```toml")
     jobs = spec.parse(text[start:text.index("```", start)], "README.md").jobs()
     assert [j.rules for j in jobs] == ["none", "zero_head", "rl_head"]
+
+
+def test_a_rules_sweep_runs_end_to_end(tmp_path):
+    import bench
+
+    path = tmp_path / "rules.toml"
+    path.write_text(RULES_SPEC)
+    done = subprocess.run([sys.executable, "-m", "bench.sweep", str(path), "--out", str(tmp_path / "out"),
+                           "--no-report", "--quiet", "--jobs", "1"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    r = bench.load(tmp_path / "out")
+    assert sorted(r.runs["rules"]) == ["none", "rl_head", "zero_head"] and set(r.runs["status"]) == {"ok"}
+    start = r.layers[r.layers["step"] == 0].merge(r.runs[["job_id", "rules"]], on="job_id")
+    # theory predicts the scheme, not what rules change after it: no q_pred for ruled jobs
+    assert start.loc[start["rules"] != "none", "q_pred"].isna().all()
+    assert start.loc[(start["rules"] == "none") & (start["param"] == "preact"), "q_pred"].notna().all()
