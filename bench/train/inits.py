@@ -114,12 +114,10 @@ def parameters(model: nn.Module) -> list[Param]:
             seen.add(id(tensor))
             if isinstance(module, NORMS):
                 role = "norm"
-            elif tensor.dim() >= 2 and "bias" not in leaf.split("_"):
-                role = "weight"
-            elif "bias" in leaf.split("_"):
+            elif "bias" in leaf.split("_"):  # bias, in_proj_bias, bias_k (1, 1, E), bias_ih_l0
                 role = "bias"
             else:
-                role = "other"
+                role = "weight" if tensor.dim() >= 2 else "other"
             out.append(Param(f"{prefix}.{leaf}" if prefix else leaf, module, leaf, tensor, role))
     return out
 
@@ -288,9 +286,8 @@ def _lsuv(model: nn.Module, ctx: InitContext) -> None:
     try:
         with torch.no_grad():
             for p in parameters(model):
-                if p.role == "weight":
-                    for block in _blocks(p):
-                        nn.init.orthogonal_(block)
+                if p.role == "weight":  # gain 1 whatever the params say: LSUV sets the scale itself
+                    _init_tensor(p, lambda w, _: nn.init.orthogonal_(w), ctx)
             run(model, ctx.data)
             order = [m for m in seen if torch.is_tensor(seen[m])]  # dicts keep the first-call order
             for module in order:
