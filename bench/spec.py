@@ -368,7 +368,8 @@ def _parse(raw: dict[str, Any], where: str, text: str) -> Spec:
             raise UserError(f"arch = {job.arch!r}: unknown; choose from {sorted(models.ARCHS)}")
     checked = set()
     for job in jobs:  # a rule that matches nothing is a typo: fail now, for the shapes known here
-        if job.init_rules and (job.arch, job.depth, job.rules) not in checked:
+        # A user factory's names are known only when it is built: its engine checks them there.
+        if job.init_rules and job.arch in models.ARCHS and (job.arch, job.depth, job.rules) not in checked:
             checked.add((job.arch, job.depth, job.rules))
             inits.check_rules(models.skeleton(job.arch, job.depth), job.init_rules,
                               f"[init_rules.{job.rules}]")
