@@ -24,7 +24,7 @@ from bench.environment import VERSION as PACKAGE_VERSION
 from bench.errors import UserError
 from bench.files import write_atomic
 from bench.job import SETTING_NAMES
-from bench.schema import axis_column
+from bench.schema import axis_column, hashed
 from bench.verdict import STORED, Cell
 
 FORMAT = "initbench-baseline"
@@ -51,7 +51,7 @@ def _missing(value: Any) -> bool:
 
 def cell_key(settings: Mapping[str, Any]) -> str:
     """Stable id of a cell: hash of its settings without the seed (the same on any machine)."""
-    rest = {k: v for k, v in settings.items() if k != "seed"}
+    rest = hashed({k: v for k, v in settings.items() if k != "seed"})
     blob = json.dumps(rest, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -63,7 +63,7 @@ def cells_from_runs(runs) -> dict[str, Cell]:
     columns = [c for c in runs.columns if c in SETTING_NAMES or c.startswith(("init.", "task."))]
     cells: dict[str, Cell] = {}
     for row in runs.to_dict("records"):
-        settings = {c: _canon(row[c]) for c in columns if c != "seed" and not _missing(row[c])}
+        settings = hashed({c: _canon(row[c]) for c in columns if c != "seed" and not _missing(row[c])})
         key = cell_key(settings)
         cell = cells.setdefault(key, Cell(key, settings, [], []))
         cell.seeds.append(int(row["seed"]))

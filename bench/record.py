@@ -51,7 +51,12 @@ _Q, _Q_PRED = len(STATS), len(STATS) + 1  # where q and q_pred follow the stats 
 
 
 def _predicted_q(job: Job, dims: list[int], q0: float) -> np.ndarray:
-    """Mean-field prediction of each layer's preactivation second moment at step 0 (NaN if none)."""
+    """Mean-field prediction of each layer's preactivation second moment at step 0 (NaN if none).
+
+    None for a job with init rules: theory knows the scheme, not what the rules changed after it.
+    """
+    if job.init_rules:
+        return np.full(len(dims) - 1, np.nan)
     try:
         return theory.predicted_preact_variance(job.init, job.activation, dims, q0,
                                                 params=dict(job.init_params), init_bias=job.init_bias)

@@ -25,3 +25,15 @@ def axis_column(axis: str) -> str:
     if parts[0] == "init_params" and len(parts) == 3:
         return f"init.{parts[2]}"
     return axis
+
+
+# Settings added after job ids were first published: at these defaults they are left out of job
+# ids and baseline cell keys (bench.spec.Job.job_id, bench.baseline.cell_key), so every id and
+# baseline made before them stays valid.
+UNHASHED_DEFAULTS = {"rules": "none"}
+
+
+def hashed(settings: dict) -> dict:
+    """``settings`` without the ones at an :data:`UNHASHED_DEFAULTS` value: what ids are made of."""
+    return {k: v for k, v in settings.items()
+            if not (k in UNHASHED_DEFAULTS and v == UNHASHED_DEFAULTS[k])}

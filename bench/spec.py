@@ -28,6 +28,7 @@ except ModuleNotFoundError:  # Python 3.10 (pyproject allows it): the same parse
 from bench.errors import UserError, is_number
 from bench.job import Job
 from bench.policy import parse_table
+from bench.schema import hashed
 from bench.settings import MetricsConfig, RuntimeConfig
 from bench.train import activations, inits, models, tasks
 
@@ -89,6 +90,13 @@ def _betas(where: str, value: Any) -> tuple[float, float]:
     return out  # type: ignore[return-value]
 
 
+def _rules_name(where: str, value: Any) -> str:
+    # Which [init_rules.<name>] set exists is known only once the whole spec is read (_parse).
+    if not isinstance(value, str) or not value:
+        raise UserError(f"{where} = {value!r}: expected the name of an [init_rules.<name>] set, or 'none'")
+    return value
+
+
 def _init_bias(where: str, value: Any) -> str | float:
     if isinstance(value, str) and value in inits.BIAS_MODES:
         return value
@@ -105,6 +113,7 @@ SETTINGS: dict[str, Setting] = {
     "activation": Setting("model", _choice(lambda: sorted(activations.ACTIVATIONS)), "relu"),
     "init": Setting("model", _choice(lambda: sorted(inits.INITS)), "default"),
     "init_bias": Setting("model", _init_bias, "auto"),
+    "rules": Setting("model", _rules_name, "none"),  # a named [init_rules.<name>] set, applied after init
     # [task]; its own settings (n_train, noise, ...) are checked by the task's registry entry
     "task": Setting("task", _choice(lambda: sorted(tasks.TASKS), allow_factory=True), "teacher"),
     # [train]
@@ -118,7 +127,7 @@ SETTINGS: dict[str, Setting] = {
     "log_every": Setting("train", _int(1), 10),
     "seed": Setting("train", _int(0), 0),
 }
-TABLES = ("model", "task", "train", "init_params", "metrics", "runtime", "regression")
+TABLES = ("model", "task", "train", "init_params", "init_rules", "metrics", "runtime", "regression")
 
 
 # --- what a spec becomes ---------------------------------------------------------
@@ -136,13 +145,17 @@ class Spec:
     text: str = ""
     # [regression]: watched metrics and tolerances, validated by bench.regress.parse_table
     regression: tuple[tuple[str, Any], ...] = ()
+    init_rules: tuple[tuple[str, tuple[inits.Rule, ...]], ...] = ()  # [init_rules.<name>] sets
 
     @property
     def fingerprint(self) -> str:
         """Hash of what the spec means (not how it is formatted): refuses mixing two specs in one store."""
         # Axes sorted by key: listing them in another order changes the job order, not the sweep.
-        canon = {"name": self.name, "grid": sorted(self.grid), "fixed": self.fixed,
+        fixed = tuple(hashed(dict(self.fixed)).items())  # rules = "none" left out, as in job ids
+        canon = {"name": self.name, "grid": sorted(self.grid), "fixed": fixed,
                  "init_params": self.init_params, "metrics": self.metrics.__dict__}
+        if self.init_rules:  # only then: fingerprints of specs without rules stay as they were
+            canon["init_rules"] = [(n, [r.as_dict() for r in rules]) for n, rules in self.init_rules]
         blob = json.dumps(canon, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -154,18 +167,19 @@ class Spec:
         seen: dict[str, Job] = {}
         for values in itertools.product(*(v for _, v in self.grid)):
             settings = {**fixed, **dict(zip(names, values, strict=True))}
-            job = _make_job(settings, schemes)
+            job = _make_job(settings, schemes, dict(self.init_rules))
             seen.setdefault(job.job_id, job)
         return list(seen.values())
 
 
-def _make_job(settings: dict[str, Any], schemes: dict[str, tuple]) -> Job:
+def _make_job(settings: dict[str, Any], schemes: dict[str, tuple],
+              rule_sets: dict[str, tuple[inits.Rule, ...]]) -> Job:
     core = {k: settings[k] for k in SETTINGS}
     scheme_params = dict(schemes.get(core["init"], ()))
     scheme_params.update({k.split(".", 2)[2]: v for k, v in settings.items()
                           if k.startswith(f"init_params.{core['init']}.")})
     task_params = {k[5:]: v for k, v in settings.items() if k.startswith("task.")}
-    return Job(**core,
+    return Job(**core, init_rules=rule_sets.get(core["rules"], ()),
                init_params=tuple(sorted(inits.resolve_params(core["init"], scheme_params).items())),
                task_params=tuple(sorted(tasks.resolve_params(core["task"], task_params).items())))
 
@@ -248,18 +262,55 @@ def _parse(raw: dict[str, Any], where: str, text: str) -> Spec:
         init_params[scheme] = {k: inits.check_param(scheme, k, v, f"[init_params.{scheme}] {k}")
                                for k, v in params.items()}
 
+    rule_sets = _init_rules_table(tables["init_rules"])
+    used = [("[model] rules", fixed["rules"])] if "rules" not in grid_keys else [
+        ("[grid] rules", v) for v in dict(grid)["rules"]]
+    for key, value in used:
+        if value != "none" and value not in rule_sets:
+            choices = ["none", *sorted(rule_sets)]
+            raise UserError(f"{key} = {value!r}: unknown rule set; choose from {choices} "
+                            "(define one as [[init_rules.<name>]] tables)")
+
     spec = Spec(
         name=name.strip(), path=where, grid=tuple(grid), fixed=tuple(sorted(fixed.items())),
         init_params=tuple(sorted((s, tuple(sorted(p.items()))) for s, p in init_params.items())),
         metrics=_dataclass_table(MetricsConfig, tables["metrics"], "metrics"),
         runtime=_dataclass_table(RuntimeConfig, tables["runtime"], "runtime"), text=text,
         regression=_regression_table(tables["regression"]),
+        init_rules=tuple(sorted(rule_sets.items())),
     )
     jobs = spec.jobs()  # resolves every task and scheme parameter: fail now, not in a worker
     for job in jobs:
         if job.arch not in models.ARCHS:
             raise UserError(f"arch = {job.arch!r}: unknown; choose from {sorted(models.ARCHS)}")
+    checked = set()
+    for job in jobs:  # a rule that matches nothing is a typo: fail now, for the shapes known here
+        # A user factory's names are known only when it is built: its engine checks them there.
+        if job.init_rules and job.arch in models.ARCHS and (job.arch, job.depth, job.rules) not in checked:
+            checked.add((job.arch, job.depth, job.rules))
+            inits.check_rules(models.skeleton(job.arch, job.depth), job.init_rules,
+                              f"[init_rules.{job.rules}]")
     return spec
+
+
+def _init_rules_table(table: dict[str, Any]) -> dict[str, tuple[inits.Rule, ...]]:
+    """``[[init_rules.<name>]]`` arrays of tables (or ``[init_rules.<name>] rules = [...]``) -> rules."""
+    out: dict[str, tuple[inits.Rule, ...]] = {}
+    for name, rules in table.items():
+        where = f"[init_rules.{name}]"
+        if name == "none":
+            raise UserError(f"{where}: 'none' means no rules; give the set another name")
+        if isinstance(rules, dict):
+            if set(rules) != {"rules"}:
+                extra = sorted(set(rules) - {"rules"}) or ["rules"]
+                raise UserError(f"{where}: unknown key {extra[0]!r}; write the rules as "
+                                f"[[init_rules.{name}]] tables, or as rules = [{{match = ..., ...}}, ...]")
+            rules = rules["rules"]
+        if not isinstance(rules, list) or not rules:
+            raise UserError(f"{where} = {rules!r}: expected a non-empty list of rule tables, "
+                            "e.g. [[init_rules.zero_head]] match = \"head.weight\" value = 0.0")
+        out[name] = tuple(inits.parse_rule(r, f"{where} rule {i}") for i, r in enumerate(rules, 1))
+    return out
 
 
 def _regression_table(table: dict[str, Any]) -> tuple[tuple[str, Any], ...]:

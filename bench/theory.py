@@ -265,6 +265,21 @@ def _kaiming(act: str, fan_in: int, fan_out: int, params: Mapping[str, Any]) -> 
 
 
 # Each rule maps (activation, fan_in, fan_out, params) to sigma_w2 = fan_in * Var(w) for one layer.
+def truncated_variance(a: float, b: float) -> float:
+    """Variance of N(0, 1) truncated to [a, b]: 0.774 for +-2 (so a +-2 cut keeps 0.880 of the std)."""
+    z = _Phi(b) - _Phi(a)
+    pa, pb = _phi(a), _phi(b)
+    return 1.0 + (a * pa - b * pb) / z - ((pa - pb) / z) ** 2
+
+
+def _phi(x: float) -> float:
+    return math.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+
+
+def _Phi(x: float) -> float:  # noqa: N802 (the standard normal CDF's usual name)
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
 SCHEMES: dict[str, Callable[[str, int, int, Mapping[str, Any]], float]] = {
     "default": lambda *_: 1.0 / 3.0,  # nn.Linear: U(+-1/sqrt(fan_in))
     "kaiming_uniform": _kaiming,
@@ -275,6 +290,8 @@ SCHEMES: dict[str, Callable[[str, int, int, Mapping[str, Any]], float]] = {
     "orthogonal": lambda act, fi, fo, p: _gain(p, act, 1.0) ** 2 * fi / max(fi, fo),
     "zeros": lambda *_: 0.0,
     "scaled_normal": lambda act, fi, fo, p: fi * _param(p, "std", 0.02) ** 2,
+    "trunc_normal": lambda act, fi, fo, p: fi * _param(p, "std", 0.02) ** 2 * truncated_variance(
+        _param(p, "a", -2.0), _param(p, "b", 2.0)),
     "mean_field": lambda act, fi, fo, p: _param(p, "sigma_w2", 2.0),
     # LSUV rescales each layer until its output has unit variance; for a hidden layer fed by
     # unit-variance preactivations that takes sigma_w2 = 1 / E[phi(z)^2] (2 for relu).

@@ -9,8 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from scipy import stats
 from torch import nn
 
 from bench import audit
@@ -258,3 +260,40 @@ def test_conv_transpose_fans_are_explained_where_printed(capsys):
     assert "out_channels x kernel size" in out
     assert audit.main(["--modules", "Linear", "--draws", "2"]) == 0
     assert "ConvTranspose" not in capsys.readouterr().out
+
+
+TRUNC_MOD = """import torch
+from torch import nn
+
+
+def build():
+    model = nn.Sequential(nn.Linear(256, 128), nn.Linear(256, 128))
+    with torch.no_grad():
+        nn.init.trunc_normal_(model[0].weight, std=0.02, a=-0.04, b=0.04)  # a 2-std cut: absolute bounds
+        model[1].weight.normal_(0.0, 0.02)
+    return model
+"""
+
+
+def test_factory_names_a_truncated_normal(tmp_path):
+    # KS on 2000 values cannot tell a +-2 std cut from the plain normal (the CDFs differ by at most
+    # 0.023); the kurtosis can (-0.634 against 0), and so must the audit.
+    (tmp_path / "trunc_mod.py").write_text(TRUNC_MOD)
+    done = cli("--factory", "trunc_mod:build", "--draws", "40", env_path=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = {r[2]: r for r in (line.split() for line in done.stdout.splitlines()) if r[0] == "factory"}
+    cols = done.stdout.splitlines()[0].split()
+    trunc, plain = rows["0.weight"], rows["1.weight"]
+    assert trunc[cols.index("scheme")] == "trunc_normal(0.02,+-2std)"
+    assert plain[cols.index("scheme")] == "N(0,0.02)"
+    assert float(trunc[cols.index("std")]) == pytest.approx(0.0176, abs=2e-4)
+    assert float(trunc[cols.index("kurtosis")]) == pytest.approx(-0.634, abs=0.05)
+
+
+def test_kurtosis_rejects_a_normal_for_its_truncation():
+    rng = np.random.default_rng(0)
+    x = stats.truncnorm.rvs(-2, 2, scale=0.02, size=40_000, random_state=rng)
+    fps = audit._match(x, 256, 128, None, rng, audit._kurtosis(x), 0.02)
+    assert fps[0] == "trunc_normal(0.02,+-2std)" and fps[3]["N(0,0.02)"] == 0.0
+    y = rng.normal(0, 0.02, 40_000)
+    assert audit._match(y, 256, 128, None, rng, audit._kurtosis(y), 0.02)[0] == "N(0,0.02)"

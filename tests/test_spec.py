@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from bench import spec
 from bench.errors import UserError
+from bench.train import inits
 
 torch.set_num_threads(1)
 
@@ -275,6 +276,14 @@ BAD = [
     ("grid = 3", ["grid = 3", "[grid]"]),
     ("[metrics]\ntarget_ratio = 0", ["[metrics] target_ratio = 0", "> 0"]),
     ('[runtime]\nbackend = "mpi"', ["backend = 'mpi'", "'loky'"]),
+    ('[model]\nrules = "zero_head"', ["[model] rules = 'zero_head'", "unknown rule set", "'none'"]),
+    ("[model]\nrules = 3", ["[model] rules = 3", "[init_rules.<name>]"]),
+    ("[init_rules]\nzero_head = 3", ["[init_rules.zero_head] = 3", "list of rule tables"]),
+    ("[init_rules]\nzero_head = []", ["[init_rules.zero_head] = []", "non-empty"]),
+    ("[init_rules]\nzero_head = [1]", ["[init_rules.zero_head] rule 1 = 1", "expected a table"]),
+    ('[[init_rules.h]]\nmatch = "*"\nscale = true', ["[init_rules.h] rule 1: scale = True", "finite number"]),
+    ('[[init_rules.h]]\nmatch = "*"\ninit = "orthogonal"\ngain = "relu"', ["rule 1 gain = 'relu'"]),
+    ('[[init_rules.h]]\nmatch = "*"\ninit = "orthogonal"\nstd = 1', ["unknown key 'std'", "'gain'"]),
 ]
 
 
@@ -287,6 +296,17 @@ def test_bad_specs_raise_one_line_user_errors(text, needles):
     assert "\n" not in message
     for needle in needles:
         assert needle in message, (needle, message)
+
+
+def test_rules_none_changes_no_id_and_a_rule_set_changes_it():
+    (job,) = parse(TINY.replace('init = ["kaiming_normal", "scaled_normal"]', 'init = ["kaiming_normal"]')
+                   .replace("seed = [0, 1]", "seed = [0]")).jobs()
+    assert job.rules == "none" and job.init_rules == () and job.settings()["rules"] == "none"
+    assert replace(job, rules="none").job_id == job.job_id
+    rule = inits.Rule("2.weight", value=0.0)
+    assert replace(job, rules="zero", init_rules=(rule,)).job_id != job.job_id
+    assert replace(job, rules="zero", init_rules=(rule,)).job_id != replace(
+        job, rules="zero", init_rules=(inits.Rule("2.weight", value=1.0),)).job_id
 
 
 def test_factory_task_settings_are_hashable_and_stable():

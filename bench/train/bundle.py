@@ -52,7 +52,7 @@ def build_model(job: Job, data: tasks.TaskData) -> nn.Sequential:
         first = tasks.batch_schedule(job.seed, len(data.x_train), job.batch_size, 0)[0]
         ctx = inits.InitContext(activation=job.activation, params=dict(job.init_params),
                                 data=data.x_train[first], forward=models.preactivations)
-        inits.apply(model, job.init, ctx, job.init_bias)
+        inits.apply(model, job.init, ctx, job.init_bias, job.init_rules)
     return model
 
 

@@ -1,24 +1,36 @@
-"""The registry of weight-initialization schemes.
+"""The registry of weight-initialization schemes, and init rules by parameter name.
 
 Every scheme shares one interface, ``apply(model, ctx)``, so data-dependent
 schemes (LSUV) get their batch the same way as the others get nothing: through
-:class:`InitContext`. Most schemes are per-layer functions in the style of
+:class:`InitContext`. Most schemes are per-tensor functions in the style of
 ``torch.nn.init``: in place, under ``torch.no_grad()``, names ending in ``_``.
 
 Conventions (see README "Init schemes"):
 
-- ``default`` calls each layer's own ``reset_parameters()``, so it draws exactly
-  what PyTorch's layer constructors draw, and a change in PyTorch shows up.
-- Kaiming schemes use the activation's gain (:func:`activation_gain`).
+- Schemes work **by parameter**, on any module (:func:`parameters` sorts each one into
+  a role): every parameter of two or more dims gets the scheme with PyTorch's fans
+  (``nn.init._calculate_fan_in_and_fan_out``); a parameter whose name has a ``bias``
+  part is a bias; a norm layer's affine pair is set to weight 1, bias 0; any other
+  parameter of fewer than two dims keeps what its constructor set.
+- ``nn.MultiheadAttention``'s packed ``in_proj_weight`` (3E, E) is initialized as its
+  three (E, E) blocks q, k, v, each with the fans of its own matrix.
+- ``default`` calls every module's own ``reset_parameters()`` (``_reset_parameters()``
+  where that is what its constructor calls), children before parents, so it draws what
+  PyTorch's constructors draw, and a change in PyTorch shows up.
+- Kaiming schemes use ``gain`` if given, else the activation's gain; a model with no single
+  activation (``InitContext.activation is None``) must give one.
 - Xavier and orthogonal use gain 1 unless ``[init_params.<scheme>] gain`` says
   otherwise (a number, or ``"activation"``): Glorot & Bengio's scheme.
 - Named schemes zero the biases unless ``init_bias`` says otherwise.
+- Init rules (:class:`Rule`) run last, in order: a glob over dotted parameter names and a
+  scheme, a scale or a constant.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -26,9 +38,14 @@ import torch
 from torch import nn
 
 from bench.errors import UserError, is_number
+from bench.job import Rule
 from bench.train import activations
 
 BIAS_MODES = ("auto", "zeros", "default")
+# Norm layers whose affine pair every named scheme sets to (1, 0), as their constructors do.
+NORMS: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
+                                      *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
+
 
 def activation_gain(activation: str) -> float:
     """The gain Kaiming schemes use for ``activation`` (the activation registry's ``gain``).
@@ -43,12 +60,19 @@ def activation_gain(activation: str) -> float:
 
 @dataclass(frozen=True)
 class InitContext:
-    """What a scheme may use: the activation, its parameters and, for data-dependent ones, a batch."""
+    """What a scheme may use: the activation, its parameters and, for data-dependent ones, a batch.
 
-    activation: str
+    ``activation`` is None when the model has no single activation (a user factory whose job
+    sets none): a scheme that needs the activation's gain then asks for an explicit ``gain``.
+    """
+
+    activation: str | None
     params: dict[str, Any] = field(default_factory=dict)
     data: torch.Tensor | None = None  # a batch of training inputs (LSUV and friends)
-    forward: Callable[[nn.Module, torch.Tensor], list[torch.Tensor]] | None = None  # per-layer outputs
+    # How to run the model on ``data`` (its return value is not used: LSUV reads each module's
+    # output through forward hooks). None: ``model(data)``.
+    forward: Callable[[nn.Module, torch.Tensor], Any] | None = None
+    scheme: str = ""  # the scheme being applied, for messages (set by apply)
 
 
 @dataclass(frozen=True)
@@ -59,27 +83,88 @@ class Scheme:
     params: dict[str, Any]
     named: bool = True  # named schemes zero biases under init_bias = "auto"
     data_dependent: bool = False  # reads ctx.data: biases are set before it runs, not after
+    tensor: Callable[[torch.Tensor, InitContext], None] | None = None  # the per-tensor form, if any
+    fans: bool = True  # the per-tensor form reads the fans: it needs a tensor of >= 2 dims
     doc: str = ""
 
 
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a model, as the schemes see it.
+
+    ``role`` is ``"weight"`` (>= 2 dims: the scheme draws it), ``"bias"`` (a name part ``bias``:
+    ``init_bias`` decides), ``"norm"`` (a norm layer's affine weight or bias: 1 and 0) or
+    ``"other"`` (fewer than 2 dims and not a bias, e.g. a layer-scale or a custom RMSNorm gain:
+    left as its constructor set it).
+    """
+
+    name: str  # dotted, as model.named_parameters() names it
+    owner: nn.Module
+    leaf: str  # the attribute name on the owner
+    tensor: nn.Parameter
+    role: str
+
+
+def parameters(model: nn.Module) -> list[Param]:
+    """Every parameter of ``model`` once, in ``named_parameters()`` order, with its role."""
+    out, seen = [], set()
+    for prefix, module in model.named_modules():
+        for leaf, tensor in module.named_parameters(recurse=False):
+            if id(tensor) in seen:  # a shared parameter is initialized once, where it first appears
+                continue
+            seen.add(id(tensor))
+            if isinstance(module, NORMS):
+                role = "norm"
+            elif "bias" in leaf.split("_"):  # bias, in_proj_bias, bias_k (1, 1, E), bias_ih_l0
+                role = "bias"
+            else:
+                role = "weight" if tensor.dim() >= 2 else "other"
+            out.append(Param(f"{prefix}.{leaf}" if prefix else leaf, module, leaf, tensor, role))
+    return out
+
+
 def layers(model: nn.Module) -> list[nn.Module]:
-    """The layers a scheme initializes: every module with a ``weight`` of two or more dims."""
+    """Every module with a ``weight`` of two or more dims (an MLP's linear layers, in order)."""
     return [m for m in model.modules()
             if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2]
 
 
-def _per_layer(fn: Callable[[torch.Tensor, InitContext], None]) -> Callable[[nn.Module, InitContext], None]:
+def _blocks(p: Param) -> Iterator[torch.Tensor]:
+    # nn.MultiheadAttention packs q, k and v into one (3E, E) in_proj_weight; each block is a
+    # square map of its own, so each gets the fans of an (E, E) matrix (README, "Init schemes").
+    if isinstance(p.owner, nn.MultiheadAttention) and p.leaf == "in_proj_weight":
+        yield from p.tensor.chunk(3)
+    else:
+        yield p.tensor
+
+
+def _init_tensor(p: Param, fn: Callable[[torch.Tensor, InitContext], None], ctx: InitContext) -> None:
+    """Draw one parameter with a per-tensor scheme: MHA blocks apart, an Embedding's padding row 0."""
+    for block in _blocks(p):
+        fn(block, ctx)
+    if isinstance(p.owner, nn.Embedding) and p.leaf == "weight" and p.owner.padding_idx is not None:
+        p.tensor[p.owner.padding_idx].zero_()  # as nn.Embedding does: the padding row is never trained
+
+
+def _per_tensor(fn: Callable[[torch.Tensor, InitContext], None]) -> Callable[[nn.Module, InitContext], None]:
     def apply(model: nn.Module, ctx: InitContext) -> None:
         with torch.no_grad():
-            for layer in layers(model):
-                fn(layer.weight, ctx)
+            for p in parameters(model):
+                if p.role == "weight":
+                    _init_tensor(p, fn, ctx)
 
     return apply
 
 
 def _gain(ctx: InitContext) -> float:
     gain = ctx.params.get("gain", "activation")
-    return activation_gain(ctx.activation) if gain == "activation" else float(gain)
+    if gain != "activation":
+        return float(gain)
+    if ctx.activation is None:
+        name = ctx.scheme or "<scheme>"
+        raise UserError(f"init {name!r} scales by the activation's gain, but this model has no single "
+                        f"activation setting; give one: [init_params.{name}] gain = <number>")
+    return activation_gain(ctx.activation)
 
 
 def _kaiming_std(w: torch.Tensor, ctx: InitContext) -> float:
@@ -129,42 +214,115 @@ def mean_field_(w: torch.Tensor, ctx: InitContext) -> None:
     w.normal_(0.0, math.sqrt(float(ctx.params["sigma_w2"]) / fan_in))
 
 
+def trunc_normal_(w: torch.Tensor, ctx: InitContext) -> None:
+    """N(0, std^2) cut at [a std, b std] (bounds in units of std, as TensorFlow and timm's ViT mean them).
+
+    ``torch.nn.init.trunc_normal_`` takes absolute bounds (its default a=-2, b=2 cuts N(0, 0.02^2)
+    at 100 std, i.e. not at all), so it is called with a * std, b * std. ``std`` is the untruncated
+    normal's, as in torch and TensorFlow: a +-2 cut leaves a std of 0.880 std.
+    """
+    std = float(ctx.params["std"])
+    nn.init.trunc_normal_(w, 0.0, std, float(ctx.params["a"]) * std, float(ctx.params["b"]) * std)
+
+
+def _resets(model: nn.Module) -> Iterator[nn.Module]:
+    # Children before parents, as constructors run: a parent's reset (nn.MultiheadAttention zeroing
+    # out_proj.bias, nn.Transformer's Xavier) comes after its children's own draws.
+    seen: set[int] = set()
+
+    def visit(module: nn.Module) -> Iterator[nn.Module]:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        for child in module.children():
+            yield from visit(child)
+        yield module
+
+    yield from visit(model)
+
+
 def _default(model: nn.Module, ctx: InitContext) -> None:
-    # Each layer's own reset_parameters: whatever this PyTorch version draws. The root is
-    # skipped when it has children (a model's own reset_parameters may reset them again), but
-    # not when it is itself a bare layer (apply(nn.Linear(...), "default") must redraw it).
-    for module in model.modules():
-        if hasattr(module, "reset_parameters") and (module is not model or not any(model.children())):
-            module.reset_parameters()
+    # Each module's own reset: whatever this PyTorch version draws. nn.MultiheadAttention and
+    # nn.Transformer call theirs _reset_parameters; a module with neither keeps its constructor's values.
+    for module in _resets(model):
+        reset = getattr(module, "reset_parameters", None) or getattr(module, "_reset_parameters", None)
+        if callable(reset):
+            reset()
+
+
+def _lsuv_units(model: nn.Module) -> dict[nn.Module, list[torch.Tensor]]:
+    """LSUV's units: each module with weights of its own, and the tensors that scale its output.
+
+    A module's output is taken as homogeneous in its own >= 2-dim weights (one for Linear, Conv,
+    Embedding). nn.MultiheadAttention's output is linear in out_proj.weight (q and k sit inside
+    the softmax), so that is what scales it.
+    """
+    units: dict[nn.Module, list[torch.Tensor]] = {}
+    for p in parameters(model):
+        if p.role == "weight":
+            units.setdefault(p.owner, []).append(p.tensor)
+    for module in units:
+        if isinstance(module, nn.MultiheadAttention):
+            units[module] = [module.out_proj.weight]
+    return units
 
 
 def _lsuv(model: nn.Module, ctx: InitContext) -> None:
-    # Mishkin & Matas 2015: orthonormal start, then rescale each layer in order until its
-    # output variance on the data batch is within tol of 1.
-    if ctx.data is None or ctx.forward is None:
+    # Mishkin & Matas 2015: orthonormal start, then rescale each unit in forward order until its
+    # output variance on the data batch is within tol of 1. Outputs are read by forward hooks, so
+    # any module works; a unit the forward never calls (out_proj inside attention) is not rescaled.
+    if ctx.data is None:
         raise UserError("init 'lsuv' needs a data batch; it is data-dependent")
     tol, max_iter = float(ctx.params["tol"]), int(ctx.params["max_iter"])
-    with torch.no_grad():
-        for layer in layers(model):
-            nn.init.orthogonal_(layer.weight)
-        for i, layer in enumerate(layers(model)):
-            for _ in range(max_iter):
-                var = ctx.forward(model, ctx.data)[i].var().item()
-                if not math.isfinite(var) or var == 0 or abs(var - 1.0) < tol:
-                    break
-                layer.weight.div_(math.sqrt(var))
+    run = ctx.forward or (lambda m, x: m(x))
+    units = _lsuv_units(model)
+    seen: dict[nn.Module, torch.Tensor] = {}  # each unit's output on its first call of a forward
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        if module not in seen:
+            seen[module] = output[0] if isinstance(output, tuple) else output
+
+    handles = [m.register_forward_hook(hook) for m in units]
+    buffers = {name: b.clone() for name, b in model.named_buffers()}  # BatchNorm's running stats
+    try:
+        with torch.no_grad():
+            for p in parameters(model):
+                if p.role == "weight":  # gain 1 whatever the params say: LSUV sets the scale itself
+                    _init_tensor(p, lambda w, _: nn.init.orthogonal_(w), ctx)
+            run(model, ctx.data)
+            order = [m for m in seen if torch.is_tensor(seen[m])]  # dicts keep the first-call order
+            for module in order:
+                scaled = units[module]
+                for _ in range(max_iter):
+                    seen.clear()
+                    run(model, ctx.data)
+                    var = seen[module].var().item()
+                    if not math.isfinite(var) or var == 0 or abs(var - 1.0) < tol:
+                        break
+                    for t in scaled:  # homogeneous of degree len(scaled): each takes its root
+                        t.div_(math.sqrt(var) ** (1 / len(scaled)))
+    finally:
+        for handle in handles:
+            handle.remove()
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
 
 
 INITS: dict[str, Scheme] = {
-    "default": Scheme(_default, {}, named=False, doc="each layer's own reset_parameters()"),
-    "kaiming_uniform": Scheme(_per_layer(kaiming_uniform_), {"gain": "activation", "mode": "fan_in"}),
-    "kaiming_normal": Scheme(_per_layer(kaiming_normal_), {"gain": "activation", "mode": "fan_in"}),
-    "xavier_uniform": Scheme(_per_layer(xavier_uniform_), {"gain": 1.0}),
-    "xavier_normal": Scheme(_per_layer(xavier_normal_), {"gain": 1.0}),
-    "orthogonal": Scheme(_per_layer(orthogonal_), {"gain": 1.0}),
-    "zeros": Scheme(_per_layer(zeros_), {}),
-    "scaled_normal": Scheme(_per_layer(scaled_normal_), {"std": 0.02}),
-    "mean_field": Scheme(_per_layer(mean_field_), {"sigma_w2": 2.0, "sigma_b2": 0.0}),
+    "default": Scheme(_default, {}, named=False, doc="each module's own reset_parameters()"),
+    "kaiming_uniform": Scheme(_per_tensor(kaiming_uniform_), {"gain": "activation", "mode": "fan_in"},
+                              tensor=kaiming_uniform_),
+    "kaiming_normal": Scheme(_per_tensor(kaiming_normal_), {"gain": "activation", "mode": "fan_in"},
+                             tensor=kaiming_normal_),
+    "xavier_uniform": Scheme(_per_tensor(xavier_uniform_), {"gain": 1.0}, tensor=xavier_uniform_),
+    "xavier_normal": Scheme(_per_tensor(xavier_normal_), {"gain": 1.0}, tensor=xavier_normal_),
+    "orthogonal": Scheme(_per_tensor(orthogonal_), {"gain": 1.0}, tensor=orthogonal_),
+    "zeros": Scheme(_per_tensor(zeros_), {}, tensor=zeros_, fans=False),
+    "scaled_normal": Scheme(_per_tensor(scaled_normal_), {"std": 0.02}, tensor=scaled_normal_, fans=False),
+    "trunc_normal": Scheme(_per_tensor(trunc_normal_), {"std": 0.02, "a": -2.0, "b": 2.0},
+                           tensor=trunc_normal_, fans=False),
+    "mean_field": Scheme(_per_tensor(mean_field_), {"sigma_w2": 2.0, "sigma_b2": 0.0}, tensor=mean_field_),
     "lsuv": Scheme(_lsuv, {"tol": 0.1, "max_iter": 10}, data_dependent=True),
 }
 
@@ -191,6 +349,8 @@ def check_param(name: str, key: str, value: Any, where: str) -> Any:
     if not is_number(value):
         extra = " or 'activation'" if key == "gain" else ""
         raise UserError(f"{where} = {value!r}: expected a number{extra}")
+    if key in ("a", "b"):  # truncation bounds, in units of std: any sign
+        return float(value)
     if key == "max_iter" and value != int(value):  # int() would silently truncate 2.5 to 2
         raise UserError(f"{where} = {value!r}: expected an integer >= 1")
     positive = key in ("std", "tol", "max_iter")
@@ -201,42 +361,133 @@ def check_param(name: str, key: str, value: Any, where: str) -> Any:
 
 def resolve_params(name: str, given: dict[str, Any]) -> dict[str, Any]:
     """A scheme's full parameter set: its defaults overlaid with what the spec gives."""
-    return {**scheme(name).params, **given}
+    params = {**scheme(name).params, **given}
+    if name == "trunc_normal" and not params["a"] < params["b"]:
+        raise UserError(f"init 'trunc_normal': a = {params['a']!r} must be below b = {params['b']!r} "
+                        "(bounds in units of std, e.g. a = -2, b = 2)")
+    return params
 
 
-def apply(model: nn.Module, name: str, ctx: InitContext, init_bias: str | float = "auto") -> None:
-    """Initialize ``model`` in place with scheme ``name``.
+# --- init rules by parameter name ---------------------------------------------------------------
+RULE_KEYS = ("match", "init", "scale", "value")
+
+
+def rule_schemes() -> list[str]:
+    """The schemes a rule may name: those that initialize one tensor at a time."""
+    return sorted(n for n, s in INITS.items() if s.tensor is not None)
+
+
+def parse_rule(raw: Any, where: str) -> Rule:
+    """Validate one rule table from a spec; every problem is a UserError naming ``where``."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{where} = {raw!r}: expected a table like {{match = \"head.weight\", value = 0.0}}")
+    name = raw.get("init")
+    if "init" in raw and name not in rule_schemes():
+        raise UserError(f"{where}: init = {name!r}: unknown or not per-parameter; "
+                        f"choose from {rule_schemes()}")
+    own = INITS[name].params if "init" in raw else {}
+    for key in raw:
+        if key not in RULE_KEYS and key not in own:
+            extra = f" or {name!r}'s parameters {sorted(own)}" if own else ""
+            raise UserError(f"{where}: unknown key {key!r}; choose from {list(RULE_KEYS)}{extra}")
+    match = raw.get("match")
+    if not isinstance(match, str) or not match:
+        raise UserError(f"{where}: match = {match!r}: expected a glob over parameter names, "
+                        "e.g. \"head.weight\" or \"blocks.*.fc2.weight\"")
+    actions = [k for k in ("init", "scale", "value") if k in raw]
+    if len(actions) != 1:
+        raise UserError(f"{where}: give exactly one of 'init', 'scale' or 'value', got {actions or 'none'}")
+    if "init" in raw:
+        given = {k: check_param(name, k, v, f"{where} {k}") for k, v in raw.items() if k in own}
+        try:
+            params = resolve_params(name, given)
+        except UserError as err:
+            raise UserError(f"{where}: {err}") from None
+        return Rule(match, init=name, params=tuple(sorted(params.items())))
+    action = actions[0]
+    if not is_number(raw[action]):
+        raise UserError(f"{where}: {action} = {raw[action]!r}: expected a finite number")
+    return Rule(match, **{action: float(raw[action])})
+
+
+def check_rules(model: nn.Module, rules: Sequence[Rule], where: str = "init rules") -> None:
+    """Raise a UserError naming the first rule that matches no parameter of ``model`` (a typo is
+    never ignored), or that names a scheme needing fans for a parameter of fewer than 2 dims.
+
+    Works on a model built on the meta device, so a spec can be checked without drawing anything.
+    """
+    params = parameters(model)
+    names = [p.name for p in params]
+    for i, rule in enumerate(rules, 1):
+        matched = [p for p in params if fnmatch.fnmatchcase(p.name, rule.match)]
+        if not matched:
+            shown = ", ".join(repr(n) for n in names[:6]) + (", ..." if len(names) > 6 else "")
+            raise UserError(f"{where} rule {i} {rule.describe()} matches no parameter; the model's "
+                            f"parameters are named {shown} ({len(names)} in all)")
+        flat = [p.name for p in matched if p.tensor.dim() < 2]
+        if rule.init is not None and INITS[rule.init].fans and flat:
+            raise UserError(f"{where} rule {i} {rule.describe()}: init {rule.init!r} needs fans, and "
+                            f"{flat[0]!r} has fewer than 2 dims; narrow the match, or use a scale, a value, "
+                            "zeros, scaled_normal or trunc_normal")
+
+
+def apply_rules(model: nn.Module, rules: Sequence[Rule], ctx: InitContext, where: str = "init rules") -> None:
+    """Apply ``rules`` to ``model`` in order (after its scheme); every rule is checked first."""
+    check_rules(model, rules, where)
+    params = parameters(model)
+    with torch.no_grad():
+        for rule in rules:
+            for p in (p for p in params if fnmatch.fnmatchcase(p.name, rule.match)):
+                if rule.init is not None:
+                    rule_ctx = replace(ctx, scheme=rule.init, params=dict(rule.params))
+                    _init_tensor(p, INITS[rule.init].tensor, rule_ctx)
+                elif rule.scale is not None:
+                    p.tensor.mul_(rule.scale)
+                else:
+                    p.tensor.fill_(rule.value)
+
+
+def apply(model: nn.Module, name: str, ctx: InitContext, init_bias: str | float = "auto",
+          rules: Sequence[Rule] = ()) -> None:
+    """Initialize ``model`` in place with scheme ``name``, then its ``rules``.
 
     Args:
-        model: built by :mod:`bench.train.models`; its constructors have already drawn
-            PyTorch's defaults (whose biases ``init_bias = "default"`` keeps).
+        model: any nn.Module; its constructors have already drawn PyTorch's defaults (whose
+            biases ``init_bias = "default"`` keeps).
         name: a key of :data:`INITS`.
-        ctx: activation, scheme parameters and (for data-dependent schemes) a batch.
+        ctx: activation (None if the model has none), scheme parameters and (for
+            data-dependent schemes) a batch.
         init_bias: ``"auto"`` (zeros for named schemes, the layer's own draw for
             ``default``; ``sigma_b2`` for ``mean_field``), ``"zeros"``, ``"default"``
-            or a constant.
+            or a constant. It sets every bias role (:func:`parameters`), not norms.
+        rules: applied last, in order (:func:`apply_rules`).
     """
     entry = scheme(name)
     # Fill in the scheme's defaults, so a caller that passes no params gets the documented
     # scheme (xavier/orthogonal gain 1, not _gain's fallback to the activation's gain).
-    ctx = replace(ctx, params=resolve_params(name, ctx.params))
-    biased = [m for m in layers(model) if isinstance(getattr(m, "bias", None), torch.Tensor)]
-    drawn = [m.bias.detach().clone() for m in biased]
+    ctx = replace(ctx, params=resolve_params(name, ctx.params), scheme=name)
+    params = parameters(model)
+    biases = [p.tensor for p in params if p.role == "bias"]
+    norms = [p for p in params if p.role == "norm"]
+    drawn = [b.detach().clone() for b in biases]
 
     @torch.no_grad()
     def set_biases() -> None:
-        for module, original in zip(biased, drawn, strict=True):
+        for bias, original in zip(biases, drawn, strict=True):
             if init_bias == "default":
                 # The layer's own draw: the constructor's for named schemes; `default` has just
                 # redrawn it together with the weight, and keeps that draw (as under "auto").
                 if entry.named:
-                    module.bias.copy_(original)
+                    bias.copy_(original)
             elif init_bias == "zeros" or (init_bias == "auto" and entry.named):
-                module.bias.zero_()
+                bias.zero_()
                 if name == "mean_field" and init_bias == "auto":
-                    module.bias.normal_(0.0, math.sqrt(float(ctx.params["sigma_b2"])))
+                    bias.normal_(0.0, math.sqrt(float(ctx.params["sigma_b2"])))
             elif not isinstance(init_bias, str):
-                module.bias.fill_(float(init_bias))
+                bias.fill_(float(init_bias))
+        if entry.named:  # a norm layer starts as the identity map: weight 1, bias 0
+            for p in norms:
+                p.tensor.fill_(1.0 if p.leaf == "weight" else 0.0)
 
     if entry.data_dependent:
         # LSUV scales each layer to unit output variance: it must see the final biases, or
@@ -246,3 +497,5 @@ def apply(model: nn.Module, name: str, ctx: InitContext, init_bias: str | float 
     else:
         entry.apply(model, ctx)
         set_biases()
+    if rules:
+        apply_rules(model, rules, ctx)

@@ -49,5 +49,15 @@ def preactivations(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return outs
 
 
+def skeleton(arch: str, depth: int) -> nn.Module:
+    """A built-in architecture on the meta device, for its parameter names and shapes only.
+
+    Nothing is drawn (the global RNG is untouched) and nothing is allocated; the names depend
+    on the depth alone (an MLP: "0.weight", "0.bias", "2.weight", ...).
+    """
+    with torch.device("meta"):
+        return ARCHS[arch](1, 1, depth, 1, "linear")
+
+
 # Only the MLP is stacked by the engine today; a user factory needs its own issue.
 ARCHS: dict[str, Callable[..., nn.Sequential]] = {"mlp": mlp}
