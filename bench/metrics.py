@@ -37,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from bench.schema import KINDS, STATS
+from bench.schema import STATS
 from bench.settings import MetricsConfig
 
 METRICS = ("steps_to_target", "final_loss", "best_loss", "loss_auc", "final_val_loss", "final_val_acc",
@@ -110,29 +110,28 @@ def _ratio(num: float, den: float) -> float:
     return float("nan") if num == 0 else float("inf")
 
 
-def _mean_units(layers: np.ndarray, widths: np.ndarray) -> float:
-    """Unit-weighted mean of a per-layer share over the layers that measured it (NaN if none did)."""
-    ok = np.isfinite(layers)
-    return float(np.sum(layers[ok] * widths[ok]) / np.sum(widths[ok])) if ok.any() else float("nan")
-
-
 def job_metrics(log_steps: np.ndarray, train_loss: np.ndarray, val_loss: np.ndarray, val_acc: np.ndarray,
-                layer_stats: np.ndarray, diverged_at: int, total_steps: int,
-                cfg: MetricsConfig, null_loss: float = float("nan"),
-                widths: np.ndarray | None = None) -> dict[str, float]:
-    """All metrics of one job from its logged curves and its layer stats (n_log, depth, kinds, stats).
+                params: list[str], stats: np.ndarray, diverged_at: int, total_steps: int,
+                cfg: MetricsConfig, null_loss: float = float("nan")) -> dict[str, float]:
+    """All metrics of one job from its logged curves and its layer trace.
+
+    Args:
+        params: what each trace row describes (``weight``, ``bias``, ``act``, ...), rows in the
+            forward order of their modules (``bench.train.bundle.TraceRow.param``).
+        stats: (n_log, rows, len(STATS)): the rows' statistics at each logged step.
+        null_loss: the null model's training loss (``TaskData.null_loss``).
 
     Curves passed here end at the step the job diverged at (kept when logged: the state it
-    diverged from). ``null_loss`` is the null model's training loss (``TaskData.null_loss``);
-    ``widths`` the number of units of each hidden layer (default: equal widths).
+    diverged from). Gradient ratios read the ``weight`` rows (first over last parameter-holding
+    module), activation ratios and dead units the ``act`` rows (post-activations in forward order).
     """
-    w, a = KINDS.index("weight"), KINDS.index("act")
+    params = np.asarray(params)
+    w, a = np.flatnonzero(params == "weight"), np.flatnonzero(params == "act")
     std, norm, grad = STATS.index("std"), STATS.index("norm"), STATS.index("grad_norm")
     dead, distinct = STATS.index("dead_frac"), STATS.index("distinct_frac")
     diverged = diverged_at >= 0
     initial = train_loss[0] if len(train_loss) else float("nan")
     target = cfg.target_loss if cfg.target_loss is not None else cfg.target_ratio * initial
-    depth = layer_stats.shape[1]
     m: dict[str, float] = {
         "steps_to_target": steps_to_target(log_steps, train_loss, target),
         "final_loss": float("nan") if diverged else float(train_loss[-1]),
@@ -144,23 +143,27 @@ def job_metrics(log_steps: np.ndarray, train_loss: np.ndarray, val_loss: np.ndar
         "n_spikes": float(n_spikes(train_loss, cfg.spike_ratio)),
         "initial_loss": float(initial),
     }
-    s0, s1 = layer_stats[0], layer_stats[-1]
-    m["grad_ratio_init"] = _ratio(s0[0, w, grad], s0[depth - 1, w, grad])
-    hidden = depth - 1
-    m["act_ratio_init"] = (float("nan") if hidden < 1
-                           else _ratio(float(s0[hidden - 1, a, std]) ** 2, float(s0[0, a, std]) ** 2))
-    m["dead_frac_init"] = float(np.mean(s0[:hidden, a, dead])) if hidden else float("nan")
-    m["dead_frac_final"] = float(np.mean(s1[:hidden, a, dead])) if hidden else float("nan")
-    units = np.ones(hidden) if widths is None else np.asarray(widths, float)
-    m["symmetric_frac_init"] = 1 - _mean_units(s0[:hidden, w, distinct], units)
-    m["symmetric_frac_final"] = 1 - _mean_units(s1[:hidden, w, distinct], units)
-    # A hidden activation that is no longer a finite number at step 0 has exploded past float32.
-    m["act_overflow_init"] = float(hidden > 0 and not np.isfinite(s0[:hidden, a, std]).all())
+    s0, s1 = stats[0], stats[-1]
+    nan = float("nan")
+    m["grad_ratio_init"] = _ratio(s0[w[0], grad], s0[w[-1], grad]) if len(w) else nan
+    m["act_ratio_init"] = _ratio(float(s0[a[-1], std]) ** 2, float(s0[a[0], std]) ** 2) if len(a) else nan
+    m["dead_frac_init"] = float(np.mean(s0[a, dead])) if len(a) else nan
+    m["dead_frac_final"] = float(np.mean(s1[a, dead])) if len(a) else nan
+    m["symmetric_frac_init"] = 1 - _mean_measured(s0[w, distinct])
+    m["symmetric_frac_final"] = 1 - _mean_measured(s1[w, distinct])
+    # A post-activation that is no longer a finite number at step 0 has exploded past float32.
+    m["act_overflow_init"] = float(len(a) > 0 and not np.isfinite(s0[a, std]).all())
     m["null_loss"] = float(null_loss)
-    w0, w1 = np.sqrt(np.sum(s0[:, w, norm] ** 2)), np.sqrt(np.sum(s1[:, w, norm] ** 2))
-    m["weight_growth"] = float(w1 / w0) if w0 > 0 else float("nan")
-    m["first_grad_init"] = float(s0[0, w, grad])
+    w0, w1 = np.sqrt(np.sum(s0[w, norm] ** 2)), np.sqrt(np.sum(s1[w, norm] ** 2))
+    m["weight_growth"] = float(w1 / w0) if w0 > 0 else nan
+    m["first_grad_init"] = float(s0[w[0], grad]) if len(w) else nan
     return m
+
+
+def _mean_measured(values: np.ndarray) -> float:
+    """Mean of a per-layer share over the layers that measured it (NaN if none did)."""
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if len(values) else float("nan")
 
 
 def pathologies(m: dict[str, float], cfg: MetricsConfig) -> list[str]:

@@ -16,7 +16,7 @@ import pandas as pd
 from bench import metrics, theory
 from bench.errors import UserError
 from bench.job import Job
-from bench.schema import CURVE_COLUMNS, KINDS, LAYER_COLUMNS, STATS, STATUSES
+from bench.schema import CURVE_COLUMNS, LAYER_COLUMNS, MODULE_COLUMNS, SIGNALS, STATS, STATUSES
 from bench.settings import MetricsConfig
 from bench.train.bundle import BundleOutput
 
@@ -35,6 +35,7 @@ class JobResult:
     env: dict[str, str] = field(default_factory=dict)
     curves: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(CURVE_COLUMNS)))
     layers: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(LAYER_COLUMNS)))
+    modules: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(MODULE_COLUMNS)))
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -64,36 +65,27 @@ def _predicted_q(job: Job, dims: list[int], q0: float) -> np.ndarray:
         return np.full(len(dims) - 1, np.nan)
 
 
-def _trace_rows(depth: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One logged step's rows of a layer trace: (layer, param code, index into depth x KINDS).
-
-    Every (layer, param) pair but the output layer's ``act``: it has no post-activation.
-    """
-    layer = np.repeat(np.arange(depth, dtype=np.int32), len(KINDS))
-    code = np.tile(np.arange(len(KINDS), dtype=np.int8), depth)
-    kept = ~((code == KINDS.index("act")) & (layer == depth - 1))
-    return layer[kept], code[kept], np.flatnonzero(kept)
-
-
-def _traces(out: BundleOutput, code: np.ndarray, index: np.ndarray, predicted: np.ndarray) -> np.ndarray:
-    """Every job's layer-trace values: (K, n_log, rows per step, STATS + q + q_pred), float64.
+def _traces(out: BundleOutput, predicted: np.ndarray) -> np.ndarray:
+    """Every job's layer-trace values: (K, n_log, rows, STATS + q + q_pred), float64.
 
     Job-major, so that each job's rows are one contiguous run of the bundle's table. ``q`` is the
-    measured second moment (mean^2 + std^2) of activations and preactivations, NaN for weights and
-    biases; ``q_pred`` is theory's prediction (``predicted``, (K, depth)) on the step-0 preactivations.
-    Kept in float64 until stored (as float32): a second moment overflows float32 when the std
-    passes 1.8e19, which an exploding net's deep layers reach while their entries are finite.
+    measured second moment (mean^2 + std^2) of module outputs (``act``, ``preact``), NaN for
+    parameters; ``q_pred`` is theory's prediction (``predicted``, (K, n preact rows)) on the step-0
+    preactivations, in forward order. Kept in float64 until stored (as float32): a second moment
+    overflows float32 when the std passes 1.8e19, which an exploding net's deep layers reach while
+    their entries are finite.
     """
-    n_log, k, depth = out.layer_stats.shape[:3]
-    block = np.full((k, n_log, len(index), len(STATS) + 2), np.nan)
-    stats = out.layer_stats.reshape(n_log, k, depth * len(KINDS), len(STATS))[:, :, index]
-    block[..., :len(STATS)] = stats.transpose(1, 0, 2, 3)
-    signal = np.isin(code, [KINDS.index("preact"), KINDS.index("act")])
+    n_log, k, n_rows = out.row_stats.shape[:3]
+    block = np.full((k, n_log, n_rows, len(STATS) + 2), np.nan)
+    block[..., :len(STATS)] = out.row_stats.transpose(1, 0, 2, 3)
+    params = np.array([r.param for r in out.rows])
+    signal = np.isin(params, SIGNALS)
     mean, std = block[:, :, signal, STATS.index("mean")], block[:, :, signal, STATS.index("std")]
     block[:, :, signal, _Q] = mean ** 2 + std ** 2
-    preact = code == KINDS.index("preact")  # one row per layer, in layer order
-    for i in np.flatnonzero(out.log_steps == 0):
-        block[:, i, preact, _Q_PRED] = predicted
+    preact = params == "preact"
+    if predicted.shape[1] == preact.sum():  # theory has a prediction for every preactivation
+        for i in np.flatnonzero(out.log_steps == 0):
+            block[:, i, preact, _Q_PRED] = predicted
     return block
 
 
@@ -113,15 +105,14 @@ def from_bundle(jobs: list[Job], out: BundleOutput, cfg: MetricsConfig, wall_s: 
     """
     if not jobs:
         return []
-    n_log, k_jobs, depth = out.layer_stats.shape[:3]
-    layer, code, index = _trace_rows(depth)
-    rows = len(layer)
+    n_log, k_jobs, rows = out.row_stats.shape[:3]
     train = np.stack([metrics.window_means(out.losses[:, k], out.log_steps, job.log_every)
                       for k, job in enumerate(jobs)])
     # Signal propagation: measured second moment of each layer's preactivation at step 0 next to
     # mean-field theory's prediction for this scheme, activation and input.
-    predicted = np.array([_predicted_q(job, out.dims, float(out.input_q[k])) for k, job in enumerate(jobs)])
-    block = _traces(out, code, index, predicted)
+    predicted = np.array([_predicted_q(job, out.dims, float(out.input_q[k])) if out.dims else []
+                          for k, job in enumerate(jobs)]).reshape(k_jobs, -1)
+    block = _traces(out, predicted)
     curves = pd.DataFrame({"step": np.tile(out.log_steps, k_jobs), "train_loss": train.ravel(),
                            "val_loss": out.val_loss.T.ravel(), "val_acc": out.val_acc.T.ravel(),
                            "grad_norm": out.grad_norm.T.ravel()})
@@ -129,12 +120,18 @@ def from_bundle(jobs: list[Job], out: BundleOutput, cfg: MetricsConfig, wall_s: 
     # indices, a categorical param).
     with np.errstate(over="ignore"):  # beyond float32's range (3.4e38) a statistic is stored as inf
         values = block.reshape(-1, block.shape[-1]).astype(np.float32)
+    names, name_codes = np.unique([r.module for r in out.rows], return_inverse=True)
+    kinds, kind_codes = np.unique([r.param for r in out.rows], return_inverse=True)
     layers = pd.DataFrame({"step": np.tile(np.repeat(out.log_steps.astype(np.int32), rows), k_jobs),
-                           "layer": np.tile(layer, k_jobs * n_log),
-                           "param": pd.Categorical.from_codes(np.tile(code, k_jobs * n_log),
-                                                              categories=list(KINDS)),
+                           "layer": pd.Categorical.from_codes(np.tile(name_codes, k_jobs * n_log),
+                                                              categories=list(names)),
+                           "index": np.tile(np.array([r.index for r in out.rows], np.int32), k_jobs * n_log),
+                           "param": pd.Categorical.from_codes(np.tile(kind_codes, k_jobs * n_log),
+                                                              categories=list(kinds)),
                            **dict(zip((*STATS, "q", "q_pred"), values.T))})
-    at0, preact = out.log_steps == 0, code == KINDS.index("preact")
+    modules = pd.DataFrame(out.modules, columns=list(MODULE_COLUMNS))
+    at0, preact = out.log_steps == 0, np.array([r.param == "preact" for r in out.rows])
+    params = [r.param for r in out.rows]
     results = []
     for k, job in enumerate(jobs):
         div = int(out.diverged_at[k])
@@ -143,12 +140,14 @@ def from_bundle(jobs: list[Job], out: BundleOutput, cfg: MetricsConfig, wall_s: 
         # step 0, the initialization itself).
         n = int(np.searchsorted(out.log_steps, div, side="right")) if div >= 0 else n_log
         m = metrics.job_metrics(out.log_steps[:n], train[k, :n], out.val_loss[:n, k], out.val_acc[:n, k],
-                                out.layer_stats[:n, k], div, job.steps, cfg,
+                                params, out.row_stats[:n, k], div, job.steps, cfg,
                                 null_loss=float(out.null_loss[k]))
-        m["signal_error"] = metrics.signal_error(block[k, at0][:, preact, _Q].ravel(), predicted[k])
+        m["signal_error"] = (metrics.signal_error(block[k, at0][:, preact, _Q].ravel(), predicted[k])
+                             if predicted.shape[1] == preact.sum() else float("nan"))
         flags = metrics.pathologies(m, cfg)
         results.append(JobResult(job.job_id, job.settings(), "diverged" if div >= 0 else "ok",
                                  metrics=m, pathologies=",".join(flags), wall_s=wall_s / len(jobs), env=env,
                                  curves=_rows(curves, k * n_log, k * n_log + n),
-                                 layers=_rows(layers, k * n_log * rows, (k * n_log + n) * rows)))
+                                 layers=_rows(layers, k * n_log * rows, (k * n_log + n) * rows),
+                                 modules=modules.copy()))
     return results

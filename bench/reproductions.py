@@ -55,6 +55,8 @@ def _dims(run: pd.Series) -> list[int]:
 def _step0(results, param: str) -> pd.DataFrame:
     layers = results.layers
     rows = layers[(layers["step"] == 0) & (layers["param"] == param)]
+    # The MLP's linear layer i is module 2i and its activation module 2i + 1: the layer's ordinal.
+    rows = rows.assign(layer=rows["index"] // 2)
     return rows.merge(results.runs.drop(columns=["status", "error"], errors="ignore"), on="job_id")
 
 
@@ -338,7 +340,7 @@ def blog_table(results) -> pd.DataFrame:
     layers = results.layers[(results.layers["job_id"] == run["job_id"])
                             & results.layers["param"].isin(["weight", "bias"])]
     # param is categorical (bench.load): text first, or "+" refuses it
-    means = layers.assign(name=lambda d: (2 * d["layer"]).astype(str) + "." + d["param"].astype(str)) \
+    means = layers.assign(name=lambda d: d["layer"].astype(str) + "." + d["param"].astype(str)) \
         .pivot_table(index="step", columns="name", values="mean")
     loss = results.curves[results.curves["job_id"] == run["job_id"]].set_index("step")["train_loss"]
     order = [f"{2 * i}.{p}" for i in range(int(run["depth"])) for p in ("weight", "bias")]

@@ -11,7 +11,12 @@ STATS = ("mean", "std", "absmax", "norm", "grad_norm", "update_ratio", "dead_fra
 STATUSES = ("ok", "diverged", "failed")
 CURVE_COLUMNS = ("step", "train_loss", "val_loss", "val_acc", "grad_norm")
 # q: second moment (mean^2 + std^2) of activations; q_pred: mean-field theory's prediction (step 0)
-LAYER_COLUMNS = ("step", "layer", "param", *STATS, "q", "q_pred")
+# layer: the module's dotted name (``named_modules()``); index: its position in the forward pass
+LAYER_COLUMNS = ("step", "layer", "index", "param", *STATS, "q", "q_pred")
+# The module catalog (``bench.load(DIR).modules``): every parameter-holding or probed module of a job.
+# shapes: "weight=64x16;bias=64" (each own parameter's shape); fans: PyTorch's (NaN without a >= 2-D weight)
+MODULE_COLUMNS = ("name", "type", "index", "shapes", "fan_in", "fan_out")
+SIGNALS = ("act", "preact", "output")  # params that describe a module's output, not a parameter
 
 
 def axis_column(axis: str) -> str:

@@ -31,12 +31,12 @@ import pyarrow as pa
 
 from bench.errors import UserError
 from bench.lock import DirectoryLock
-from bench.schema import CURVE_COLUMNS, LAYER_COLUMNS, axis_column
+from bench.schema import CURVE_COLUMNS, LAYER_COLUMNS, MODULE_COLUMNS, axis_column
 
 if TYPE_CHECKING:
     from bench.record import JobResult
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: traces keyed by module name, with the module catalog (.modules)
 FILENAME = "store.sqlite"
 _ENV_COLUMNS = ("device", "host", "torch_version", "python", "initbench")
 # Serial (de)compression: a blob's buffers are a few KB each, too small to pay for a thread pool
@@ -49,7 +49,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
     job_id TEXT PRIMARY KEY, status TEXT NOT NULL, error TEXT NOT NULL, settings TEXT NOT NULL,
     metrics TEXT NOT NULL, pathologies TEXT NOT NULL, wall_s REAL, env TEXT NOT NULL,
-    finished_at REAL NOT NULL, curves BLOB, layers BLOB
+    finished_at REAL NOT NULL, curves BLOB, layers BLOB, modules BLOB
 );
 """
 
@@ -255,10 +255,10 @@ class Store:
             UserError: the store cannot be written (disk full, quota, file-size limit); the
                 transaction is rolled back, so every job stored before stays intact.
         """
-        blobs: tuple[bytes | None, bytes | None] = (None, None)
+        blobs: tuple[bytes | None, ...] = (None, None, None)
         if result.status != "failed":
-            blobs = (_to_blob(result.curves), _to_blob(result.layers))
-        self._write("INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            blobs = (_to_blob(result.curves), _to_blob(result.layers), _to_blob(result.modules))
+        self._write("INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (result.job_id, result.status, result.error, json.dumps(result.settings),
                      json.dumps(result.metrics), result.pathologies, result.wall_s, json.dumps(result.env),
                      time.time(), *blobs))
@@ -319,7 +319,8 @@ def _check_version(path: Path, meta: dict[str, str]) -> None:
     version = meta.get("version")
     if version != str(FORMAT_VERSION):
         raise UserError(f"{path}: store format version {version!r}, this initbench reads "
-                        f"{FORMAT_VERSION}; rerun the sweep with --fresh")
+                        f"{FORMAT_VERSION} (traces keyed by module name, with a module catalog); rerun the "
+                        "sweep with --fresh to rebuild it")
 
 
 @dataclass
@@ -331,6 +332,9 @@ class Results:
     layers: pd.DataFrame
     meta: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None  # the store file these results were loaded from
+    # The module catalog: one row per (job, parameter-holding or probed module), schema.MODULE_COLUMNS.
+    modules: pd.DataFrame = field(
+        default_factory=lambda: pd.DataFrame(columns=["job_id", *MODULE_COLUMNS]))
 
     def __repr__(self) -> str:
         from bench.overview import text
@@ -368,12 +372,15 @@ def load(directory: str | Path, *, traces: bool = True) -> Results:
 
         In ``.curves`` and ``.layers``, ``job_id`` is a pandas ``Categorical`` whose categories
         are ``.runs["job_id"]`` in the same order (so both tables share one dtype), and
-        ``.layers["param"]`` is a ``Categorical`` of weight, bias, act, preact: 10,000 jobs'
-        layer traces are tens of millions of rows, and as strings these two columns alone
-        took about 0.5 GB. Comparisons, ``isin``, merges with ``.runs`` and groupby work as with
-        strings; string arithmetic needs ``.astype(str)`` first, and a groupby on them should
-        pass ``observed=True`` (pandas 2 otherwise lists every category, traced or not).
-        The numbers are float32 (stats) and int32 (step, layer) in ``.layers``.
+        ``.layers["layer"]`` (the module's dotted name) and ``.layers["param"]`` (weight, bias,
+        act, preact, ...) are ``Categorical``: 10,000 jobs' layer traces are tens of millions of
+        rows, and as strings such columns took about 0.5 GB. Comparisons, ``isin``, merges with
+        ``.runs`` and groupby work as with strings; string arithmetic needs ``.astype(str)``
+        first, and a groupby on them should pass ``observed=True`` (pandas 2 otherwise lists
+        every category, traced or not).
+        The numbers are float32 (stats) and int32 (step, index) in ``.layers``. ``.modules`` is
+        the catalog: per job, every parameter-holding or probed module's name, type, forward
+        ``index``, parameter ``shapes`` and PyTorch's ``fan_in`` / ``fan_out``.
     """
     path = Path(directory) / FILENAME
     if not path.is_file():
@@ -384,10 +391,10 @@ def load(directory: str | Path, *, traces: bool = True) -> Results:
         _check_version(path, meta)
         # One statement is one consistent snapshot in WAL mode, even while a sweep writes; rows are
         # decoded as they stream, so the compressed blobs are never all in memory at once.
-        blobs = "curves, layers" if traces else "NULL, NULL"
+        blobs = "curves, layers, modules" if traces else "NULL, NULL, NULL"
         rows = con.execute("SELECT job_id, status, error, settings, metrics, pathologies, wall_s, env, "
                            f"{blobs} FROM runs ORDER BY finished_at, job_id")
-        records, curves, layers = _decode(rows)
+        records, curves, layers, modules = _decode(rows)
     except sqlite3.DatabaseError as err:
         raise _unreadable(path, err) from None
     except (pa.ArrowException, ValueError) as err:  # a blob or a JSON field damaged inside its pages
@@ -400,22 +407,23 @@ def load(directory: str | Path, *, traces: bool = True) -> Results:
     runs = pd.DataFrame.from_records(records)
     ids = pd.Index([r["job_id"] for r in records], dtype=str)
     return Results(runs=runs, curves=curves.frame(ids, CURVE_COLUMNS),
-                   layers=layers.frame(ids, LAYER_COLUMNS), meta=meta, path=path)
+                   layers=layers.frame(ids, LAYER_COLUMNS), meta=meta, path=path,
+                   modules=modules.frame(ids, MODULE_COLUMNS))
 
 
-def _decode(rows) -> tuple[list[dict], _Columns, _Columns]:
+def _decode(rows) -> tuple[list[dict], _Columns, _Columns, _Columns]:
     records: list[dict] = []
-    curves, layers = _Columns(), _Columns()
-    for job_id, status, error, settings, mets, paths, wall_s, env, cblob, lblob in rows:
+    curves, layers, modules = _Columns(), _Columns(), _Columns()
+    for job_id, status, error, settings, mets, paths, wall_s, env, cblob, lblob, mblob in rows:
         env = json.loads(env)
         settings = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(settings).items()}
-        for blob, sink in ((cblob, curves), (lblob, layers)):
+        for blob, sink in ((cblob, curves), (lblob, layers), (mblob, modules)):
             if blob is not None:
                 sink.add(_from_blob(blob), len(records))
         records.append({**settings, "job_id": job_id, "status": status, "error": error,
                         **json.loads(mets), "pathologies": paths, "wall_s": wall_s,
                         **{k: env.get(k, "") for k in _ENV_COLUMNS}})
-    return records, curves, layers
+    return records, curves, layers, modules
 
 
 class _Columns:
@@ -466,7 +474,7 @@ class _Columns:
                                                        categories=list(self.categories[name]))
             elif name in self.data:
                 data[name] = self.data[name][:self.rows]
-            elif name == "param":  # stays categorical for callers even when no job has traces
+            elif name in ("param", "layer"):  # stay categorical for callers even when no job has traces
                 data[name] = pd.Categorical([])
             else:
                 data[name] = np.full(self.rows, np.nan)
@@ -518,7 +526,7 @@ class _Columns:
 # --- Recovery: ``python -m bench.store recover DIR`` ---------------------------------------------
 
 _RUN_COLUMNS = ("job_id, status, error, settings, metrics, pathologies, wall_s, env, finished_at, "
-                "curves, layers")
+                "curves, layers, modules")
 
 
 def _read_only(path: Path) -> sqlite3.Connection:
@@ -608,7 +616,7 @@ def _copy_readable(readable: Path, path: Path, directory: Path) -> tuple[int, in
                 recovered = 0
                 for row in _salvage(con):
                     new.execute(f"INSERT OR REPLACE INTO runs ({_RUN_COLUMNS}) VALUES "
-                                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+                                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
                     recovered += 1
             seen = max(stored, 0)
         finally:

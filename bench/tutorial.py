@@ -67,7 +67,7 @@ def epoch_lines(layers: pd.DataFrame, run: pd.Series, full_batch: bool) -> list[
         lines.append(f"Epoch {step - 1}" if full_batch else f"Step {step}")
         for layer in range(int(run["depth"])):
             for param in ("weight", "bias"):
-                lines.append(f"{2 * layer}.{param} {float(means[(step, layer, param)])!r}")
+                lines.append(f"{2 * layer}.{param} {float(means[(step, str(2 * layer), param)])!r}")
     return lines
 
 

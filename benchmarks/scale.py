@@ -93,6 +93,7 @@ def _fake_bundle(jobs, rng):
     from bench.schema import KINDS, STATS
     from bench.train import models, tasks
     from bench.train.bundle import BundleOutput
+    from bench.train.stacked import trace_rows
 
     job, k = jobs[0], len(jobs)
     data = tasks.load(job.task, job.task_params, job.seed)
@@ -109,11 +110,13 @@ def _fake_bundle(jobs, rng):
     stats[:, :, :, 2:, STATS.index("update_ratio")] = np.nan  # ... or update
     stats[:, :, :, 3, STATS.index("dead_frac")] = np.nan
     stats[-1, :, :, :, STATS.index("update_ratio")] = np.nan  # no update after the last step
+    rows, picks = trace_rows(job.depth)
     return BundleOutput(log_steps=log_steps, losses=losses, val_loss=losses[log_steps] * 1.1,
                         val_acc=np.full((n_log, k), np.nan, np.float32),
-                        grad_norm=rng.random((n_log, k), dtype=np.float32), layer_stats=stats,
-                        diverged_at=np.full(k, -1), init_loss=losses[0].copy(),
-                        input_q=rng.uniform(0.9, 1.1, k).astype(np.float32),
+                        grad_norm=rng.random((n_log, k), dtype=np.float32), rows=rows,
+                        row_stats=stats.reshape(n_log, k, -1, len(STATS))[:, :, picks].astype(np.float64),
+                        modules=[], diverged_at=np.full(k, -1), init_loss=losses[0].copy(),
+                        input_q=rng.uniform(0.9, 1.1, k).astype(np.float32), null_loss=np.ones(k),
                         dims=models.layer_dims(data.d_in, data.d_out, job.depth, job.width))
 
 

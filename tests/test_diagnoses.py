@@ -25,6 +25,7 @@ from bench.spec import MetricsConfig
 from bench.store import Results
 from bench.train import bundle, probes, tasks
 from bench.train import stacked as engine
+from tests.test_metrics import as_rows
 
 OVERFLOW = """
 name = "overflow"
@@ -105,7 +106,7 @@ def test_step0_overflow_is_exploding_activations_not_vanishing_gradients(overflo
 def test_step0_record_is_the_initialization_not_the_retirement(overflow):
     model, x = _plain_step0(OVERFLOW)
     step0 = overflow.layers[overflow.layers["step"] == 0]
-    w = step0[step0["param"] == "weight"].set_index("layer")
+    w = step0[step0["param"] == "weight"].sort_values("index")
     norms = [lin.weight.norm().item() for lin in model if isinstance(lin, torch.nn.Linear)]
     np.testing.assert_allclose(w["norm"].to_numpy(), norms, rtol=1e-5)
     assert norms[0] == pytest.approx(64, rel=0.05) and np.median(norms[1:]) == pytest.approx(256, rel=0.05)
@@ -115,7 +116,7 @@ def test_step0_record_is_the_initialization_not_the_retirement(overflow):
         for lin in (m for m in model if isinstance(m, torch.nn.Linear)):
             h = lin(h)
             plain.append(h.double().std().item())
-    pre = step0[step0["param"] == "preact"].set_index("layer")["std"].to_numpy()
+    pre = step0[step0["param"] == "preact"].sort_values("index")["std"].to_numpy()
     assert np.isfinite(plain).all() and np.isfinite(pre).all()
     np.testing.assert_allclose(pre, plain, rtol=1e-3)
     growth = pre[1:] / pre[:-1]
@@ -247,7 +248,7 @@ def test_zero_init_units_stay_copies_and_the_run_is_stalled(zero_init):
         assert run["null_loss"] == pytest.approx(run["best_loss"], rel=0.1)
         assert run["best_loss"] <= 0.9 * run["initial_loss"]  # what the old rule called progress
     layers = zero_init.layers
-    hidden = layers[(layers["param"] == "weight") & (layers["layer"] < 2)]
+    hidden = layers[(layers["param"] == "weight") & (layers["index"] < 4)]
     assert set(hidden["distinct_frac"].dropna().round(5)) == {round(1 / 32, 5)}
 
 
@@ -303,8 +304,9 @@ def test_stalled_is_judged_against_the_null_model():
     stats = np.full((3, 3, 4, 8), 1.0)
 
     def flags(loss, null):
+        params, rows = as_rows(stats)
         m = metrics.job_metrics(np.array([0, 10, 20]), np.array(loss), np.array(loss), np.full(3, np.nan),
-                                stats, -1, 20, cfg, null_loss=null)
+                                params, rows, -1, 20, cfg, null_loss=null)
         return metrics.pathologies(m, cfg)
 
     assert "stalled" in flags([1.39, 1.05, 1.0], null=1.0)  # only the bias was learned
@@ -332,7 +334,7 @@ def test_gelu_gain_fixes_q_at_one_only_and_that_point_is_unstable(tmp_path):
             .replace("depth = 20", "depth = 30").replace('activation = "linear"', 'activation = "gelu"')
             .replace("steps = 10", "steps = 2").replace("log_every = 5", "log_every = 1"))
     r = _sweep(tmp_path, text)
-    pre = r.layers[(r.layers["step"] == 0) & (r.layers["param"] == "preact")].set_index("layer")
+    pre = r.layers[(r.layers["step"] == 0) & (r.layers["param"] == "preact")].sort_values("index")
     assert pre["q"].iloc[-1] / pre["q"].iloc[0] > 20
     ratio = (pre["q"] / pre["q_pred"]).to_numpy()
     assert np.all((ratio > 0.5) & (ratio < 2)), ratio

@@ -91,7 +91,8 @@ def test_job_numbers_do_not_depend_on_the_bundle():
     for k in (0, 4, 8):
         alone = engine.train([jobs[k]])
         np.testing.assert_allclose(together.losses[:, k], alone.losses[:, 0], rtol=1e-5)
-        np.testing.assert_allclose(together.layer_stats[:, k], alone.layer_stats[:, 0], rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(engine.layer_array(together)[:, k], engine.layer_array(alone)[:, 0],
+                                   rtol=1e-4, atol=1e-7)
 
 
 def test_diverged_job_stops_and_its_bundle_mates_go_on():
@@ -106,7 +107,8 @@ def test_diverged_job_stops_and_its_bundle_mates_go_on():
 def test_every_parameter_receives_a_gradient():
     jobs = jobs_from(make_spec('init = ["kaiming_normal"]', "", "width = 16\ndepth = 5"))
     out = engine.train(jobs)
-    grads = out.layer_stats[0, 0, :, [KINDS.index("weight"), KINDS.index("bias")], STATS.index("grad_norm")]
+    kinds = [KINDS.index("weight"), KINDS.index("bias")]
+    grads = engine.layer_array(out)[0, 0, :, kinds, STATS.index("grad_norm")]
     assert (grads > 0).all()
 
 
@@ -118,7 +120,7 @@ def test_probes_match_the_classic_per_parameter_records():
     for rec in records:
         li = list(out.log_steps).index(rec["step"])
         layer, kind = int(rec["name"].split(".")[0]) // 2, rec["name"].split(".")[1]
-        row = out.layer_stats[li, 0, layer, KINDS.index(kind)]
+        row = engine.layer_array(out)[li, 0, layer, KINDS.index(kind)]
         for stat in ("mean", "std", "norm", "grad_norm"):
             if np.isnan(rec[stat]):  # the std of a one-element bias
                 assert np.isnan(row[STATS.index(stat)])
@@ -131,7 +133,7 @@ def test_update_ratio_is_the_relative_size_of_the_step():
     job = jobs_from(make_spec('init = ["kaiming_normal"]', "lr = 0.1"))[0]
     out = engine.train([job])
     w = KINDS.index("weight")
-    row = out.layer_stats[0, 0, :, w]
+    row = engine.layer_array(out)[0, 0, :, w]
     expected = 0.1 * row[:, STATS.index("grad_norm")] / row[:, STATS.index("norm")]
     np.testing.assert_allclose(row[:, STATS.index("update_ratio")], expected, rtol=1e-3)
 
@@ -139,7 +141,7 @@ def test_update_ratio_is_the_relative_size_of_the_step():
 def test_zero_init_is_dead_and_gradient_free_in_hidden_layers():
     job = jobs_from(make_spec('init = ["zeros"]', "", "width = 16\ndepth = 4"))[0]
     out = engine.train([job])
-    s0 = out.layer_stats[0, 0]
+    s0 = engine.layer_array(out)[0, 0]
     assert (s0[:3, KINDS.index("act"), STATS.index("dead_frac")] == 1).all()
     assert (s0[:3, KINDS.index("weight"), STATS.index("grad_norm")] == 0).all()
     # Only the output bias learns: the loss can fall to the targets' variance, no further.
@@ -166,6 +168,7 @@ batch_size = 256
 """)
     out = engine.train(jobs)
     pre = KINDS.index("preact")
-    q = out.layer_stats[0, :, :, pre, STATS.index("std")] ** 2 + out.layer_stats[0, :, :, pre, 0] ** 2
+    array = engine.layer_array(out)
+    q = array[0, :, :, pre, STATS.index("std")] ** 2 + array[0, :, :, pre, 0] ** 2
     ratios = q[:, 2:19] / q[:, 1:18]  # hidden-to-hidden layers (same fan-in)
     assert np.exp(np.log(ratios).mean()) == pytest.approx(factor, rel=0.1)

@@ -9,6 +9,7 @@ import pytest
 from bench import metrics
 from bench.schema import KINDS, STATS
 from bench.spec import MetricsConfig
+from bench.train.stacked import trace_rows
 
 CFG = MetricsConfig()
 
@@ -29,9 +30,16 @@ def run(loss, stats=None, diverged_at=-1, total=None, cfg=CFG):
     loss = np.asarray(loss, dtype=float)
     steps = np.arange(len(loss)) * 10
     val = loss * 1.1
-    return metrics.job_metrics(steps, loss, val, np.full(len(loss), np.nan),
-                               layer_stats(n_log=len(loss)) if stats is None else stats,
+    stats = layer_stats(n_log=len(loss)) if stats is None else stats
+    params, rows = as_rows(stats)
+    return metrics.job_metrics(steps, loss, val, np.full(len(loss), np.nan), params, rows,
                                diverged_at, total or int(steps[-1]), cfg)
+
+
+def as_rows(stats: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """An MLP's (n_log, depth, kinds, stats) array as trace rows: (params, (n_log, rows, stats))."""
+    rows, picks = trace_rows(stats.shape[1])
+    return [r.param for r in rows], stats.reshape(len(stats), -1, len(STATS))[:, picks]
 
 
 def test_window_means():

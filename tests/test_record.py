@@ -39,8 +39,9 @@ log_every = 10
 
 
 def reference(job, k: int, out: BundleOutput, cfg) -> record.JobResult:
-    """One job's result built on its own, row filter by row filter."""
-    depth = out.layer_stats.shape[2]
+    """One job's result built on its own, row filter by row filter, from the MLP's probe array."""
+    array = engine.layer_array(out)  # (n_log, K, depth, kinds, stats)
+    depth = array.shape[2]
     div = int(out.diverged_at[k])
     # Up to and including the step the job diverged at: the state it diverged from.
     keep = out.log_steps <= div if div >= 0 else np.ones(len(out.log_steps), dtype=bool)
@@ -48,19 +49,22 @@ def reference(job, k: int, out: BundleOutput, cfg) -> record.JobResult:
     train = metrics.window_means(out.losses[:, k], out.log_steps, job.log_every)[keep]
     curves = pd.DataFrame({"step": steps, "train_loss": train, "val_loss": out.val_loss[keep, k],
                            "val_acc": out.val_acc[keep, k], "grad_norm": out.grad_norm[keep, k]})
-    stats = out.layer_stats[keep, k]
+    stats = array[keep, k]
     n = len(steps)
-    layers = pd.DataFrame(stats.reshape(-1, len(STATS)).astype(np.float32), columns=list(STATS))
-    layers.insert(0, "param", pd.Categorical.from_codes(np.tile(np.arange(len(KINDS)), n * depth),
-                                                        categories=list(KINDS)))
-    layers.insert(0, "layer", np.tile(np.repeat(np.arange(depth, dtype=np.int32), len(KINDS)), n))
-    layers.insert(0, "step", np.repeat(steps.astype(np.int32), depth * len(KINDS)))
-    layers = layers[~((layers["param"] == "act") & (layers["layer"] == depth - 1))].reset_index(drop=True)
-    signal = layers["param"].isin(["preact", "act"])
-    mean, std = (stats.reshape(-1, len(STATS))[:, STATS.index(c)] for c in ("mean", "std"))
-    q = (mean.astype(float) ** 2 + std.astype(float) ** 2)  # float64 until stored
-    q = q[~((np.tile(np.arange(len(KINDS)), n * depth) == KINDS.index("act"))
-            & (np.tile(np.repeat(np.arange(depth), len(KINDS)), n) == depth - 1))]
+    layer = np.tile(np.repeat(np.arange(depth), len(KINDS)), n)
+    kind = np.tile(np.arange(len(KINDS)), n * depth)
+    kept = ~((kind == KINDS.index("act")) & (layer == depth - 1))  # the output layer has no activation
+    values = stats.reshape(-1, len(STATS))[kept]
+    # nn.Sequential numbering: linear layer i is module 2i, its activation module 2i + 1.
+    module = 2 * layer[kept] + (kind[kept] == KINDS.index("act"))
+    params = np.array(KINDS)[kind[kept]]
+    layers = pd.DataFrame(values.astype(np.float32), columns=list(STATS))
+    layers.insert(0, "param", pd.Categorical(params, categories=sorted(set(KINDS))))
+    layers.insert(0, "index", module.astype(np.int32))
+    layers.insert(0, "layer", pd.Categorical(module.astype(str), categories=sorted({str(m) for m in module})))
+    layers.insert(0, "step", np.repeat(steps.astype(np.int32), kept.sum() // n))
+    signal = np.isin(params, ["preact", "act"])
+    q = values[:, STATS.index("mean")].astype(float) ** 2 + values[:, STATS.index("std")].astype(float) ** 2
     layers["q"] = np.where(signal, q, np.nan).astype(np.float32)
     try:
         predicted = theory.predicted_preact_variance(job.init, job.activation, out.dims,
@@ -68,12 +72,14 @@ def reference(job, k: int, out: BundleOutput, cfg) -> record.JobResult:
                                                      init_bias=job.init_bias)
     except UserError:
         predicted = np.full(depth, np.nan)
-    first = (layers["step"] == 0) & (layers["param"] == "preact")
+    first = ((layers["step"] == 0) & (layers["param"] == "preact")).to_numpy()
     layers["q_pred"] = np.float32(np.nan)
-    layers.loc[first, "q_pred"] = predicted[layers.loc[first, "layer"].to_numpy()].astype(np.float32)
+    layers.loc[first, "q_pred"] = predicted[module[first] // 2].astype(np.float32)
+    rows = [r.param for r in engine.trace_rows(depth)[0]]
     m = metrics.job_metrics(steps, train, curves["val_loss"].to_numpy(), curves["val_acc"].to_numpy(),
-                            stats, div, job.steps, cfg, null_loss=float(out.null_loss[k]))
-    m["signal_error"] = metrics.signal_error(q[first.to_numpy()], predicted)
+                            rows, out.row_stats[keep, k], div, job.steps, cfg,
+                            null_loss=float(out.null_loss[k]))
+    m["signal_error"] = metrics.signal_error(q[first], predicted)
     return record.JobResult(job.job_id, job.settings(), "diverged" if div >= 0 else "ok", metrics=m,
                             pathologies=",".join(metrics.pathologies(m, cfg)), env={}, curves=curves,
                             layers=layers)
@@ -104,12 +110,13 @@ def synthetic(jobs, rng: np.random.Generator) -> BundleOutput:
     for j, step in enumerate(diverged_at):
         if step >= 0:
             losses[step:, j] = np.nan  # nothing is trained after divergence
-    stats = rng.normal(size=(len(log_steps), k, job.depth, len(KINDS), len(STATS))).astype(np.float32)
-    stats[:, :, :, :2, STATS.index("dead_frac")] = np.nan
+    rows, _ = engine.trace_rows(job.depth)
+    stats = rng.normal(size=(len(log_steps), k, len(rows), len(STATS)))
+    stats[:, :, [r.param in ("weight", "bias") for r in rows], STATS.index("dead_frac")] = np.nan
     return BundleOutput(log_steps=log_steps, losses=losses, val_loss=losses[log_steps] * 1.1,
                         val_acc=rng.random((len(log_steps), k), dtype=np.float32),
-                        grad_norm=rng.random((len(log_steps), k), dtype=np.float32), layer_stats=stats,
-                        diverged_at=diverged_at, init_loss=losses[0].copy(),
+                        grad_norm=rng.random((len(log_steps), k), dtype=np.float32), rows=rows,
+                        row_stats=stats, modules=[], diverged_at=diverged_at, init_loss=losses[0].copy(),
                         input_q=rng.uniform(0.5, 1.5, k).astype(np.float32), dims=[5, 8, 8, 3],
                         null_loss=rng.uniform(0.5, 1.5, k))
 

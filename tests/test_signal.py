@@ -43,7 +43,7 @@ std = 0.05
 
 def preact(r) -> pd.DataFrame:
     layers = r.layers
-    return layers[(layers["step"] == 0) & (layers["param"] == "preact")].sort_values("layer")
+    return layers[(layers["step"] == 0) & (layers["param"] == "preact")].sort_values("index")
 
 
 @pytest.mark.parametrize("init", [s for s in SCHEMES if s not in ("zeros", "lsuv")])

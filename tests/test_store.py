@@ -25,7 +25,8 @@ def _layers(rng: np.random.Generator, n_log: int, depth: int) -> pd.DataFrame:
     rows = n_log * depth * len(KINDS)
     return pd.DataFrame({
         "step": np.repeat(np.arange(n_log, dtype=np.int32) * 10, depth * len(KINDS)),
-        "layer": np.tile(np.repeat(np.arange(depth, dtype=np.int32), len(KINDS)), n_log),
+        "layer": pd.Categorical(np.tile(np.repeat(np.arange(depth), len(KINDS)), n_log).astype(str)),
+        "index": np.tile(np.repeat(np.arange(depth, dtype=np.int32), len(KINDS)), n_log),
         "param": pd.Categorical.from_codes(np.tile(np.arange(len(KINDS)), n_log * depth), categories=KINDS),
         **{name: rng.random(rows, dtype=np.float32) for name in (*STATS, "q", "q_pred")}})
 
@@ -64,10 +65,11 @@ def test_traces_round_trip_with_categorical_job_id_and_param(tmp_path):
         assert isinstance(table["job_id"].dtype, pd.CategoricalDtype)
         assert list(table["job_id"].cat.categories) == ids
         expected = pd.concat([getattr(a, name).assign(job_id=a.job_id) for a in traced], ignore_index=True)
-        got = table.astype({"job_id": str, **({"param": str} if name == "layers" else {})})
-        expected = expected.astype({"job_id": str, **({"param": str} if name == "layers" else {})})
+        text = {"job_id": str, **({"param": str, "layer": str} if name == "layers" else {})}
+        got, expected = table.astype(text), expected.astype(text)
         pd.testing.assert_frame_equal(got, expected[got.columns], check_dtype=True)
     assert isinstance(r.layers["param"].dtype, pd.CategoricalDtype)
+    assert isinstance(r.layers["layer"].dtype, pd.CategoricalDtype)  # module names, stored once
     assert list(r.layers["param"].cat.categories) == list(KINDS)
     assert r.layers["step"].dtype == np.int32 and r.layers["mean"].dtype == np.float32
     assert (r.layers["job_id"] == "crashed").sum() == 0
@@ -133,3 +135,36 @@ def test_no_traces_gives_empty_tables_of_the_same_columns(tmp_path, traces):
         assert table.empty and list(table.columns) == ["job_id", *columns]
         assert isinstance(table["job_id"].dtype, pd.CategoricalDtype)
     assert isinstance(r.layers["param"].dtype, pd.CategoricalDtype)
+
+
+def test_a_format_1_store_is_a_one_line_error_that_says_what_to_do(tmp_path):
+    """Stores from before module-keyed traces (format 1) are refused, never misread."""
+    import sqlite3
+
+    from bench.errors import UserError
+
+    _write(tmp_path, [_result("a", np.random.default_rng(3))])
+    con = sqlite3.connect(tmp_path / "store.sqlite")
+    with con:
+        con.execute("UPDATE meta SET value = '1' WHERE key = 'version'")
+    con.close()
+    with pytest.raises(UserError, match=r"format version '1'.*reads 2.*--fresh") as err:
+        bench.load(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_every_traced_layer_names_a_module_of_the_catalog(tmp_path, tiny_spec):
+    from bench import sweep
+
+    out = tmp_path / "out"
+    assert sweep.main([str(tiny_spec), "--out", str(out), "--quiet", "--no-report", "--jobs", "1"]) == 0
+    r = bench.load(out)
+    cat = r.modules.astype({"job_id": str, "name": str})
+    assert set(cat["job_id"]) == set(r.runs["job_id"])
+    traced = r.layers.astype({"job_id": str, "layer": str})[["job_id", "layer", "index"]].drop_duplicates()
+    joined = traced.merge(cat, left_on=["job_id", "layer"], right_on=["job_id", "name"], how="left")
+    assert joined["type"].notna().all() and (joined["index_x"] == joined["index_y"]).all()
+    depth3 = cat[cat["job_id"] == r.runs.loc[r.runs["depth"] == 3, "job_id"].iloc[0]]
+    assert list(depth3["type"].astype(str)) == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
+    assert depth3["fan_in"].iloc[[0, 2, 4]].tolist() == [16.0, 8.0, 8.0]  # teacher: 16 inputs, width 8
+    assert depth3["fan_in"].iloc[[1, 3]].isna().all()  # activations hold no weight

@@ -21,6 +21,8 @@ from bench.report.figures import (
 from bench.report.grid import Grid, fmt, match, quartiles
 from bench.report.training import curve_cells
 
+INDEX_LABEL = "module index (forward order, 0 = first)"
+
 
 def _deepest(grid: Grid, runs: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     """Runs of the deepest network at the reference extras (signal propagation is clearest there)."""
@@ -68,7 +70,7 @@ def propagation_figure(grid: Grid, layers: pd.DataFrame) -> Figure:
         _theory_panel(axes[2], grid, theory)
         for ax, (param, stat, name, ylabel) in zip(axes[:2], panels, strict=True):
             d = data[data["param"] == param]
-            agg = quartiles(d, ["scheme", "layer"], stat)
+            agg = quartiles(d, ["scheme", "index"], stat)
             floor = positive_floor(agg[["median", "low", "high"]].to_numpy())
             for col in ("median", "low", "high"):
                 agg[col] = agg[col].clip(lower=floor)
@@ -77,13 +79,13 @@ def propagation_figure(grid: Grid, layers: pd.DataFrame) -> Figure:
                 if a.empty:
                     continue
                 color = grid.colors[scheme]
-                ax.plot(a["layer"], a["median"], marker="o", ms=4, lw=2, color=color,
+                ax.plot(a["index"], a["median"], marker="o", ms=4, lw=2, color=color,
                         ls=LINESTYLES[i % len(LINESTYLES)], label=text(scheme))
-                ax.fill_between(a["layer"], a["low"], a["high"], color=color, alpha=0.15, lw=0)
+                ax.fill_between(a["index"], a["low"], a["high"], color=color, alpha=0.15, lw=0)
             _log_axis(ax, agg["median"].to_numpy(), floor)
-            ax.set(title=name, xlabel="layer index (0 = first)", ylabel=f"{ylabel} (log scale)")
+            ax.set(title=name, xlabel=INDEX_LABEL, ylabel=f"{ylabel} (log scale)")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_xlim(-0.4, max(int(agg["layer"].max()) if len(agg) else 0, 1) + 0.4)
+            ax.set_xlim(-0.4, max(int(agg["index"].max()) if len(agg) else 0, 1) + 0.4)
         legend(fig, grid, present(grid, data["scheme"]), marker="o")
         fig.suptitle(title, fontweight="bold")
     caption = ("Step 0, before any update: left, the standard deviation of each hidden layer's output "
@@ -95,29 +97,30 @@ def propagation_figure(grid: Grid, layers: pd.DataFrame) -> Figure:
                "(points, median over runs) beside mean-field theory's prediction for the scheme, the "
                "activation and the measured input (lines; bench.theory): agreement means the init does "
                "what its formula promises. Theory describes the average network; a single finite-width "
-               "net drifts from it by a few tens of percent over many layers."
+               "net drifts from it by a few tens of percent over many layers. x: each module's position in "
+               "the forward pass (in an MLP, linear layer i is module 2i and its activation 2i + 1)."
                + note)
     return Figure(title, caption, to_uri(fig))
 
 
 def _theory_panel(ax, grid: Grid, preact: pd.DataFrame) -> None:
     """Measured preactivation second moment (points) against mean-field theory (lines), per scheme."""
-    ax.set(title="signal vs mean-field theory", xlabel="layer index (0 = first)",
+    ax.set(title="signal vs mean-field theory", xlabel=INDEX_LABEL,
            ylabel="preactivation second moment q (log scale)")
     if preact.empty or "q_pred" not in preact or preact["q_pred"].isna().all():
         ax.text(0.5, 0.5, "no theory prediction stored\n(store written before it existed)",
                 transform=ax.transAxes, ha="center", va="center", fontsize=9, color="#555")
         return
-    agg = preact.groupby(["scheme", "layer"])[["q", "q_pred"]].median().reset_index()
+    agg = preact.groupby(["scheme", "index"])[["q", "q_pred"]].median().reset_index()
     floor = positive_floor(agg[["q", "q_pred"]].to_numpy())
     for i, scheme in enumerate(grid.schemes):
         a = agg[agg["scheme"] == scheme]
         if a.empty:
             continue
         color = grid.colors[scheme]
-        ax.plot(a["layer"], a["q_pred"].clip(lower=floor), lw=1.5, color=color,
+        ax.plot(a["index"], a["q_pred"].clip(lower=floor), lw=1.5, color=color,
                 ls=LINESTYLES[i % len(LINESTYLES)], label=f"{text(scheme)} (theory)")
-        ax.plot(a["layer"], a["q"].clip(lower=floor), ls="none", marker="o", ms=4, color=color)
+        ax.plot(a["index"], a["q"].clip(lower=floor), ls="none", marker="o", ms=4, color=color)
     _log_axis(ax, agg["q"].to_numpy(), floor)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.plot([], [], ls="none", marker="o", color="#444", label="measured")
@@ -142,12 +145,14 @@ def trajectory_figure(grid: Grid, layers: pd.DataFrame) -> Figure:
     data = data.merge(runs[["job_id", "scheme"]], on="job_id")
     if data.empty:
         return Figure(title, empty="no data: no layer statistics for the selected cell")
-    n_layers = int(data["layer"].max()) + 1
-    picks = list(dict.fromkeys([0, n_layers // 2, n_layers - 1]))
-    names = {0: "first layer", n_layers // 2: "middle layer", n_layers - 1: "last layer"}
-    data = data[data["layer"].isin(picks)]
+    held = sorted(data["index"].unique())  # the parameter-holding modules, in forward order
+    picks = list(dict.fromkeys([held[0], held[len(held) // 2], held[-1]]))
+    names = dict(zip(picks, ["first layer", "middle layer", "last layer"][:len(picks)]))
+    if len(picks) == 2:
+        names[picks[1]] = "last layer"
+    data = data[data["index"].isin(picks)]
     # observed=True: param is categorical (bench.load); only the weight and bias groups exist here
-    agg = data.groupby(["param", "layer", "scheme", "step"], observed=True)[["mean", "std", "norm"]] \
+    agg = data.groupby(["param", "index", "scheme", "step"], observed=True)[["mean", "std", "norm"]] \
         .median().reset_index()
     with style():
         fig, axes = plt.subplots(2, 3, figsize=(13, 6.6), layout="constrained")
@@ -158,7 +163,7 @@ def trajectory_figure(grid: Grid, layers: pd.DataFrame) -> Figure:
                 floor = positive_floor(sub[stat].to_numpy()) if stat != "mean" else None
                 for scheme in grid.schemes:
                     for k, layer in enumerate(picks):
-                        a = sub[(sub["scheme"] == scheme) & (sub["layer"] == layer)]
+                        a = sub[(sub["scheme"] == scheme) & (sub["index"] == layer)]
                         if a.empty:
                             continue
                         y = a[stat] if floor is None else a[stat].clip(lower=floor)

@@ -21,6 +21,15 @@ from bench.train import inits, models, tasks
 _BUILDING = threading.Lock()
 
 
+@dataclass(frozen=True)
+class TraceRow:
+    """What one row of a job's layer trace describes (``bench.load(DIR).layers``)."""
+
+    module: str  # the module's dotted name, as in named_modules() and the catalog
+    index: int  # the module's position in the forward pass (the catalog's index)
+    param: str  # a parameter's own name (weight, bias, in_proj_weight, ...) or an output kind (act, preact)
+
+
 @dataclass
 class BundleOutput:
     """Raw per-job arrays from one bundle; :mod:`bench.record` turns them into tables."""
@@ -30,12 +39,14 @@ class BundleOutput:
     val_loss: np.ndarray  # (n_log, K)
     val_acc: np.ndarray  # (n_log, K); NaN for regression
     grad_norm: np.ndarray  # (n_log, K) norm of the whole gradient
-    layer_stats: np.ndarray  # (n_log, K, depth, len(KINDS), len(STATS))
+    rows: list[TraceRow]  # what each trace row describes (the same for every job of a bundle)
+    row_stats: np.ndarray  # (n_log, K, len(rows), len(STATS)), float64
     diverged_at: np.ndarray  # (K,) step of divergence, -1 if never
     init_loss: np.ndarray  # (K,) loss at step 0 (the divergence reference)
     null_loss: np.ndarray  # (K,) training loss of the best input-independent predictor (TaskData.null_loss)
     input_q: np.ndarray  # (K,) mean squared input entry of the step-0 batch (for theory's q0)
-    dims: list[int]  # layer widths [d_in, hidden..., d_out]
+    modules: list[dict]  # the catalog (schema.MODULE_COLUMNS), the same for every job of a bundle
+    dims: list[int] | None  # MLP layer widths [d_in, hidden..., d_out] for theory's q_pred; None: no theory
     final_params: list[list[torch.Tensor]] = field(default_factory=list)  # per job [W1, b1, ...]
 
 

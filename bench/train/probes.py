@@ -6,7 +6,10 @@ gradient norm, dead fraction, and each hidden layer's unit diversity (``distinct
 
 from __future__ import annotations
 
+import math
+
 import torch
+from torch import nn
 
 from bench.schema import KINDS, STATS
 
@@ -107,3 +110,35 @@ def _fill_probe(out: torch.Tensor, grad_norm: torch.Tensor, W: list, B: list, re
             out[:, i, 2, 3] = _rms_norm(h, dtype)
             out[:, i, 2, 6] = (h.detach() == 0).all(dim=1).float().mean(-1)
     grad_norm.copy_(sq.sqrt())
+
+
+def catalog(model: nn.Module, order: list[str] | None = None) -> list[dict]:
+    """The module catalog of a model: every module that holds parameters of its own, or has no
+    children (an activation, whose output a probe describes), as ``schema.MODULE_COLUMNS`` rows.
+
+    Args:
+        model: the model, as built for a job.
+        order: module names in the order the forward pass calls them; modules it does not list
+            follow in ``named_modules()`` order (for an ``nn.Sequential`` that is the forward order).
+
+    Fans are PyTorch's (``nn.init._calculate_fan_in_and_fan_out``) of the module's ``weight``, or
+    of its first parameter with two or more dimensions; NaN when it has none.
+    """
+    rows = []
+    for name, module in model.named_modules():
+        own = list(module.named_parameters(recurse=False))
+        if not name or (not own and any(True for _ in module.children())):
+            continue
+        shapes = ";".join(f"{p}={'x'.join(map(str, t.shape)) or '1'}" for p, t in own)
+        weight = dict(own).get("weight")
+        if weight is None or weight.dim() < 2:
+            weight = next((t for _, t in own if t.dim() >= 2), None)
+        fan_in, fan_out = (nn.init._calculate_fan_in_and_fan_out(weight) if weight is not None
+                           else (math.nan, math.nan))
+        rows.append({"name": name, "type": type(module).__name__, "shapes": shapes,
+                     "fan_in": float(fan_in), "fan_out": float(fan_out)})
+    rank = {n: i for i, n in enumerate(order or [])}
+    rows.sort(key=lambda r: rank.get(r["name"], len(rank)))  # stable: the rest keep their order
+    for i, row in enumerate(rows):
+        row["index"] = i
+    return rows

@@ -21,9 +21,9 @@ import torch
 from bench.job import Job
 from bench.schema import KINDS, STATS
 from bench.train import activations, models, tasks
-from bench.train.bundle import BundleOutput, build_model, loss_per_job
+from bench.train.bundle import BundleOutput, TraceRow, build_model, loss_per_job
 from bench.train.optim import FlatOptimizer
-from bench.train.probes import probe
+from bench.train.probes import catalog, probe
 
 
 def train(jobs: list[Job], *, divergence_ratio: float = 10.0, device: str = "cpu",
@@ -149,13 +149,46 @@ def train(jobs: list[Job], *, divergence_ratio: float = 10.0, device: str = "cpu
 
     final = ([[stored(p[k]).cpu().clone() for p in params] for k in range(K)]  # back to (out, in)
              if keep_params else [])
+    rows, picks = trace_rows(ref.depth)
+    stats = layer_stats.cpu().numpy().astype(np.float64)
     return BundleOutput(log_steps=log_steps, losses=losses.cpu().numpy(), val_loss=val_loss.cpu().numpy(),
-                        val_acc=val_acc.cpu().numpy(), grad_norm=grad_norm.cpu().numpy(),
-                        layer_stats=layer_stats.cpu().numpy(), diverged_at=diverged_at,
+                        val_acc=val_acc.cpu().numpy(), grad_norm=grad_norm.cpu().numpy(), rows=rows,
+                        row_stats=stats.reshape(n_log, K, -1, len(STATS))[:, :, picks],
+                        modules=catalog(built[0]), diverged_at=diverged_at,
                         init_loss=init_loss.cpu().numpy(), input_q=input_q.cpu().numpy(),
                         null_loss=np.array([d.null_loss for d in data]),
                         dims=models.layer_dims(data[0].d_in, data[0].d_out, ref.depth, ref.width),
                         final_params=final)
+
+
+def trace_rows(depth: int) -> tuple[list[TraceRow], np.ndarray]:
+    """The MLP's trace rows, and where each sits in the engine's (depth x KINDS) probe array.
+
+    The model is an ``nn.Sequential`` of Linear, activation, ..., Linear: linear layer i is module
+    ``2i`` (its weight, bias and output, the preactivation) and its activation module ``2i + 1``
+    (the post-activation, absent after the output layer).
+    """
+    rows, picks = [], []
+    for i in range(depth):
+        for k, kind in enumerate(KINDS):
+            if kind == "act" and i == depth - 1:
+                continue
+            module = 2 * i + 1 if kind == "act" else 2 * i
+            rows.append(TraceRow(str(module), module, kind))
+            picks.append(i * len(KINDS) + k)
+    return rows, np.array(picks)
+
+
+def layer_array(out: BundleOutput) -> np.ndarray:
+    """An MLP bundle's trace as the engine's probe array: (n_log, K, depth, len(KINDS), len(STATS)).
+
+    The inverse of :func:`trace_rows`' picking; the output layer's ``act`` entries are NaN.
+    """
+    n_log, k = out.row_stats.shape[:2]
+    depth = sum(r.param == "weight" for r in out.rows)
+    flat = np.full((n_log, k, depth * len(KINDS), len(STATS)), np.nan)
+    flat[:, :, trace_rows(depth)[1]] = out.row_stats
+    return flat.reshape(n_log, k, depth, len(KINDS), len(STATS))
 
 
 def param_count(job: Job, d_in: int, d_out: int) -> int:
