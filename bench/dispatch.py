@@ -34,6 +34,7 @@ from bench.errors import UserError
 from bench.job import Job
 from bench.record import JobResult
 from bench.settings import MetricsConfig
+from bench.train import functional
 from bench.train.stacked import flops_per_step, train
 
 log = logging.getLogger(__name__)
@@ -174,8 +175,17 @@ def run_bundle(jobs: tuple[Job, ...], cfg: MetricsConfig, device: str, threads: 
     env = environment(device)
     start = time.perf_counter()
     try:
-        out = train(list(jobs), divergence_ratio=cfg.divergence_ratio, device=device)
-        return record.from_bundle(list(jobs), out, cfg, time.perf_counter() - start, env)
+        if jobs[0].arch == "mlp":
+            out = train(list(jobs), divergence_ratio=cfg.divergence_ratio, device=device)
+            return record.from_bundle(list(jobs), out, cfg, time.perf_counter() - start,
+                                      {**env, "engine": "stacked"})
+        used: dict[str, str] = {}
+        outs = functional.train(list(jobs), divergence_ratio=cfg.divergence_ratio, device=device,
+                                on_engine=lambda name, why: used.update(engine=name, engine_note=why))
+        per = [list(jobs)] if len(outs) == 1 else [[j] for j in jobs]
+        wall = (time.perf_counter() - start) / len(outs)
+        return [r for group, out in zip(per, outs)
+                for r in record.from_bundle(group, out, cfg, wall, {**env, **used})]
     except torch.OutOfMemoryError as err:
         if device.startswith("cuda"):
             torch.cuda.empty_cache()

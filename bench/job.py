@@ -71,6 +71,9 @@ class Job:
     seed: int
     init_params: tuple[tuple[str, Any], ...] = ()  # the parameters of this job's scheme only
     task_params: tuple[tuple[str, Any], ...] = ()
+    # An architecture's own settings beyond depth, width and activation ([model] keys, or "model.<name>"
+    # axes), passed to its factory: ``norm``, ``heads``, a user factory's ``channels``, ...
+    model_params: tuple[tuple[str, Any], ...] = ()
     rules: str = "none"  # the name of its init rule set
     init_rules: tuple[Rule, ...] = ()  # that set, resolved: what the job id hashes
 
@@ -90,22 +93,23 @@ class Job:
         """
         out: dict[str, Any] = {}
         for f in fields(self):
-            if f.name not in ("init_params", "task_params", "init_rules"):
+            if f.name not in ("init_params", "task_params", "init_rules", "model_params"):
                 value = getattr(self, f.name)
                 out[f.name] = list(value) if isinstance(value, tuple) else value
         out.update({f"init.{k}": v for k, v in self.init_params})
         out.update({f"task.{k}": v for k, v in self.task_params})
+        out.update({f"model.{k}": v for k, v in self.model_params})
         if self.init_rules:
             out["init_rules"] = json.dumps([r.as_dict() for r in self.init_rules], separators=(",", ":"))
         return out
 
     def shape_key(self) -> tuple:
         """What jobs must share to be trained together as one stacked bundle."""
-        return (self.arch, self.depth, self.width, self.activation, self.task, self.task_params,
-                self.optimizer, self.steps, self.batch_size, self.log_every)
+        return (self.arch, self.depth, self.width, self.activation, self.model_params, self.task,
+                self.task_params, self.optimizer, self.steps, self.batch_size, self.log_every)
 
 
 # Every setting a job has (its fields but the scheme's and task's own parameters, which are
 # ``init.<name>`` and ``task.<name>`` in ``Job.settings()``): what readers of results take as settings.
 SETTING_NAMES = tuple(f.name for f in fields(Job)
-                      if f.name not in ("init_params", "task_params", "init_rules"))
+                      if f.name not in ("init_params", "task_params", "init_rules", "model_params"))

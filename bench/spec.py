@@ -107,7 +107,7 @@ def _init_bias(where: str, value: Any) -> str | float:
 
 SETTINGS: dict[str, Setting] = {
     # [model]
-    "arch": Setting("model", _choice(lambda: sorted(models.ARCHS)), "mlp"),
+    "arch": Setting("model", _choice(models.names, allow_factory=True), "mlp"),
     "depth": Setting("model", _int(1), 4),
     "width": Setting("model", _int(1), 64),
     "activation": Setting("model", _choice(lambda: sorted(activations.ACTIVATIONS)), "relu"),
@@ -179,7 +179,8 @@ def _make_job(settings: dict[str, Any], schemes: dict[str, tuple],
     scheme_params.update({k.split(".", 2)[2]: v for k, v in settings.items()
                           if k.startswith(f"init_params.{core['init']}.")})
     task_params = {k[5:]: v for k, v in settings.items() if k.startswith("task.")}
-    return Job(**core, init_rules=rule_sets.get(core["rules"], ()),
+    model_params = tuple(sorted((k[6:], v) for k, v in settings.items() if k.startswith("model.")))
+    return Job(**core, init_rules=rule_sets.get(core["rules"], ()), model_params=model_params,
                init_params=tuple(sorted(inits.resolve_params(core["init"], scheme_params).items())),
                task_params=tuple(sorted(tasks.resolve_params(core["task"], task_params).items())))
 
@@ -232,11 +233,22 @@ def _parse(raw: dict[str, Any], where: str, text: str) -> Spec:
         if key in tables[meta.table]:
             fixed[setting] = meta.check(f"[{meta.table}] {key}", tables[meta.table][key])
     task_fixed = {k: v for k, v in tables["task"].items() if k != "name"}
+    # An architecture other than the MLP takes settings of its own: [model] keys initbench does not
+    # know are passed to its factory (checked against its signature once the jobs are expanded).
+    archs = [fixed.get("arch", "mlp")] + [v for v in tables["grid"].get("arch", [])
+                                          if isinstance(tables["grid"].get("arch"), list)]
+    own_ok = any(a != "mlp" for a in archs)
+    model_fixed = {}
     for table in ("model", "train"):
         for key in tables[table]:
             if key not in SETTINGS or SETTINGS[key].table != table:
+                if table == "model" and own_ok and key not in SETTINGS:
+                    model_fixed[key] = tables[table][key]
+                    continue
                 valid = [k for k, s in SETTINGS.items() if s.table == table]
-                raise UserError(f"unknown key [{table}] {key!r}; choose from {valid}")
+                hint = " (an architecture's own settings need arch = a built-in other than mlp, or " \
+                    "'pkg.module:fn')" if table == "model" else ""
+                raise UserError(f"unknown key [{table}] {key!r}; choose from {valid}{hint}")
 
     grid: list[tuple[str, tuple[Any, ...]]] = []
     for key, values in tables["grid"].items():
@@ -251,7 +263,8 @@ def _parse(raw: dict[str, Any], where: str, text: str) -> Spec:
             raise UserError(f"[grid] {setting} is also fixed in [{SETTINGS[setting].table}]; keep one")
 
     defaults = {k: s.default for k, s in SETTINGS.items()}
-    fixed = {**defaults, **fixed, **{f"task.{k}": v for k, v in task_fixed.items()}}
+    fixed = {**defaults, **fixed, **{f"task.{k}": v for k, v in task_fixed.items()},
+             **{f"model.{k}": v for k, v in model_fixed.items()}}
 
     init_params: dict[str, dict[str, Any]] = {}
     for scheme, params in tables["init_params"].items():
@@ -280,9 +293,17 @@ def _parse(raw: dict[str, Any], where: str, text: str) -> Spec:
         init_rules=tuple(sorted(rule_sets.items())),
     )
     jobs = spec.jobs()  # resolves every task and scheme parameter: fail now, not in a worker
-    for job in jobs:
-        if job.arch not in models.ARCHS:
-            raise UserError(f"arch = {job.arch!r}: unknown; choose from {sorted(models.ARCHS)}")
+    seen_factories = set()
+    for job in jobs:  # a factory's signature against the settings it gets: fail now, before training
+        own = tuple(k for k, _ in job.model_params)
+        if job.arch == "mlp":
+            if own:
+                raise UserError(f"[model] {own[0]}: the built-in mlp takes no setting {own[0]!r}")
+            continue
+        if (job.arch, own) not in seen_factories:
+            seen_factories.add((job.arch, own))
+            models.factory_settings(job.arch, {"depth": job.depth, "width": job.width,
+                                               "activation": job.activation, **dict(job.model_params)}, own)
     checked = set()
     for job in jobs:  # a rule that matches nothing is a typo: fail now, for the shapes known here
         # A user factory's names are known only when it is built: its engine checks them there.
@@ -331,8 +352,8 @@ def _check_axis(key: str, value: Any, grid: Mapping[str, Any]) -> Any:
     where = f"[grid] {key}"
     if key in SETTINGS:
         return SETTINGS[key].check(where, value)
-    if key.startswith("task."):
-        return value  # checked by the task's registry entry when the jobs are expanded
+    if key.startswith(("task.", "model.")):
+        return value  # checked by the task's registry entry / the model's factory once jobs are expanded
     if key.startswith("init_params."):
         parts = key.split(".")
         if len(parts) != 3 or parts[1] not in inits.INITS:
@@ -340,7 +361,7 @@ def _check_axis(key: str, value: Any, grid: Mapping[str, Any]) -> Any:
                             f"{sorted(inits.INITS)}")
         return inits.check_param(parts[1], parts[2], value, where)
     raise UserError(f"unknown key [grid] {key!r}; choose from {sorted(SETTINGS)}, "
-                    "'task.<param>' or 'init_params.<scheme>.<param>'")
+                    "'task.<param>', 'model.<param>' or 'init_params.<scheme>.<param>'")
 
 
 def _dataclass_table(cls: type, table: dict[str, Any], name: str) -> Any:

@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 2  # 2: traces keyed by module name, with the module catalog (.modules)
 FILENAME = "store.sqlite"
-_ENV_COLUMNS = ("device", "host", "torch_version", "python", "initbench")
+# engine: which engine trained the job (stacked, vmap or loop), engine_note: why the loop, if it was
+_ENV_COLUMNS = ("device", "host", "torch_version", "python", "initbench", "engine", "engine_note")
 # Serial (de)compression: a blob's buffers are a few KB each, too small to pay for a thread pool
 # (about a third of the time of storing and of decoding a job's traces).
 _WRITE = pa.ipc.IpcWriteOptions(compression="zstd", use_threads=False)

@@ -50,26 +50,52 @@ class BundleOutput:
     final_params: list[list[torch.Tensor]] = field(default_factory=list)  # per job [W1, b1, ...]
 
 
-def build_model(job: Job, data: tasks.TaskData) -> nn.Sequential:
-    """The job's model as a plain nn.Sequential, initialized by its scheme with the job's init seed.
+def build_model(job: Job, data: tasks.TaskData) -> nn.Module:
+    """The job's model as a plain nn.Module, initialized by its scheme with the job's init seed.
 
-    The global RNG is forked, so building a model never disturbs the caller's random state,
-    and the same job draws the same weights in any process, alone or bundled. One build at a
-    time per process: bundles trained by concurrent threads share that global RNG.
+    The MLP is an ``nn.Sequential`` built here; any other architecture comes from its factory
+    (``models.build``: ``fn(in_shape, out_dim, **settings)``). The global RNG is forked, so
+    building a model never disturbs the caller's random state, and the same job draws the same
+    weights in any process, alone or bundled. One build at a time per process: bundles trained
+    by concurrent threads share that global RNG.
     """
     with _BUILDING, torch.random.fork_rng(devices=[]):
         torch.manual_seed(tasks.derive_seed(job.seed, "init"))
-        model = models.ARCHS[job.arch](data.d_in, data.d_out, job.depth, job.width, job.activation)
         first = tasks.batch_schedule(job.seed, len(data.x_train), job.batch_size, 0)[0]
-        ctx = inits.InitContext(activation=job.activation, params=dict(job.init_params),
-                                data=data.x_train[first], forward=models.preactivations)
+        if job.arch in models.ARCHS:
+            model = models.ARCHS[job.arch](data.d_in, data.d_out, job.depth, job.width, job.activation)
+            ctx = inits.InitContext(activation=job.activation, params=dict(job.init_params),
+                                    data=data.x_train[first], forward=models.preactivations)
+        else:
+            settings = models.factory_settings(
+                job.arch, {"depth": job.depth, "width": job.width, "activation": job.activation,
+                           **dict(job.model_params)}, [k for k, _ in job.model_params])
+            model = models.build(job.arch, in_shape(data), out_dim(data), settings)
+            # A factory that takes no activation setting has no single known nonlinearity.
+            ctx = inits.InitContext(activation=settings.get("activation"), params=dict(job.init_params),
+                                    data=data.x_train[first])
         inits.apply(model, job.init, ctx, job.init_bias, job.init_rules)
     return model
 
 
+def in_shape(data: tasks.TaskData) -> tuple[int, ...]:
+    """One input sample's shape."""
+    return tuple(data.x_train.shape[1:])
+
+
+def out_dim(data: tasks.TaskData) -> int:
+    """Classes (or vocabulary) for classification, the target width for regression."""
+    return int(data.classes) if data.classes is not None else int(data.y_train.shape[-1])
+
+
 def loss_per_job(out: torch.Tensor, y: torch.Tensor, classes: int | None) -> torch.Tensor:
-    """Mean loss of each job over its batch: MSE for regression, cross-entropy for classes. Shape (K,)."""
+    """Mean loss of each job over its batch: MSE for regression, cross-entropy for classes. Shape (K,).
+
+    ``out`` is (K, B, C) with class targets ``y`` (K, B), or (K, B, T, C) with per-token targets
+    (K, B, T) (averaged over tokens); for regression ``out`` and ``y`` are (K, B, ...).
+    """
     if classes is None:
-        return ((out - y) ** 2).mean(dim=(1, 2))
-    k, b, c = out.shape
-    return F.cross_entropy(out.reshape(k * b, c), y.reshape(k * b), reduction="none").view(k, b).mean(1)
+        return ((out - y) ** 2).flatten(1).mean(1)
+    c = out.shape[-1]
+    per = F.cross_entropy(out.reshape(-1, c), y.reshape(-1), reduction="none")
+    return per.view(out.shape[0], -1).mean(1)

@@ -1,0 +1,362 @@
+"""The engine for any ``nn.Module``: K jobs as ``vmap(functional_call)`` over one flat parameter buffer.
+
+Each job's model is built and initialized as a real module with its own seed
+(:func:`bench.train.bundle.build_model`), exactly as a classic loop would. Their parameters
+are then stacked into one flat (K, P) buffer whose per-parameter (K, ...) views are autograd
+leaves, their buffers (BatchNorm running statistics) stacked per job, and the forward pass is
+``torch.func.vmap`` over ``functional_call`` on a real base copy of the module (a copy on the
+meta device would untie tied weights: research/anymodule.md). Per-job losses are summed and
+back-propagated with plain autograd (each job's gradient is its own), and the flat optimizer
+(:class:`bench.train.optim.FlatOptimizer`) updates every job at once.
+
+``vectorize=False`` is the per-job loop: the same code with the module called directly on one
+job at a time, its random draws (dropout) seeded by the job. :func:`train` decides between
+them with a one-step preflight of two jobs against the plain loop (:func:`preflight`).
+
+Probes (step 0, every ``log_every`` steps, after the last update) record every parameter's
+statistics under its module's name, and every catalogued module's output statistics through
+forward hooks that return them out of the vmapped function.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from bench.job import Job
+from bench.schema import STATS
+from bench.train import activations, tasks
+from bench.train.bundle import BundleOutput, TraceRow, build_model, loss_per_job
+from bench.train.optim import FlatOptimizer
+from bench.train.probes import catalog, distinct_frac, stats
+
+BLOCK = re.compile(r"(.*\.)?blocks\.\d+$")  # residual blocks: the stream after each is probed
+ACTIVATION_TYPES = tuple({type(a.module()) for a in activations.ACTIVATIONS.values()} - {nn.Identity}) + (
+    nn.SiLU, nn.Softplus, nn.ELU, nn.Mish, nn.Hardtanh, nn.ReLU6, nn.PReLU)
+PREFLIGHT_RTOL = 1e-4  # one step of the bundle must match the plain loop this closely
+
+
+class FallBack(Exception):
+    """The bundle cannot be vectorized exactly: train its jobs one at a time (the reason is kept)."""
+
+
+def _probed(model: nn.Module) -> list[str]:
+    """Modules whose outputs the probes describe: every catalogued module and every residual block."""
+    names = [row["name"] for row in catalog(model)]
+    return names + [n for n, _ in model.named_modules() if BLOCK.fullmatch(n) and n not in names]
+
+
+def forward_order(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """Module names in the order a forward pass on ``x`` calls them (forward pre-hooks)."""
+    order: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=name: order.append(n))
+               for name, m in model.named_modules() if name]
+    try:
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            model(x)
+            model.train(was)
+    finally:
+        for h in handles:
+            h.remove()
+    return list(dict.fromkeys(order))
+
+
+def _output_stats(t: torch.Tensor, act: bool) -> torch.Tensor:
+    """One module output's statistics (one job's view inside vmap): the STATS row, NaN where undefined."""
+    t = t.detach()
+    if not torch.is_floating_point(t):
+        return torch.full((len(STATS),), float("nan"))
+    row = torch.full((len(STATS),), float("nan"), dtype=t.dtype)
+    flat = t.flatten()
+    n = flat.numel()
+    mean = flat.mean()
+    norm = torch.linalg.vector_norm(flat)
+    std = ((norm * norm - n * mean * mean).clamp_min(0) / max(n - 1, 1)).sqrt()
+    absmax = flat.abs().amax()
+    rms = t.flatten(1).pow(2).sum(-1).mean().sqrt() if t.dim() > 1 else norm
+    parts = [mean, std, absmax, rms]
+    row = torch.stack(parts + [torch.full_like(mean, float("nan"))] * (len(STATS) - 4))
+    if act and t.dim() > 1:  # a unit is dead when it is zero for every sample of the batch
+        dead = (t == 0).all(dim=0).float().mean()
+        row = torch.cat([row[:STATS.index("dead_frac")], dead.unsqueeze(0).to(row.dtype),
+                         row[STATS.index("dead_frac") + 1:]])
+    return row
+
+
+class _Bundle:
+    """K built models as one flat buffer, stacked buffers and a base module to call functionally."""
+
+    def __init__(self, models: list[nn.Module], device: torch.device):
+        self.base = copy.deepcopy(models[0]).to(device)  # real tensors: tied weights stay tied
+        self.names = [n for n, _ in self.base.named_parameters()]  # a shared parameter appears once
+        self.shapes = [p.shape for _, p in self.base.named_parameters()]
+        rows = []
+        for m in models:
+            own = dict(m.named_parameters())
+            rows.append(torch.cat([own[n].detach().flatten() for n in self.names]))
+        self.flat = torch.stack(rows).to(device)
+        self.views, self.offsets, at = {}, [], 0
+        for name, shape in zip(self.names, self.shapes):
+            size = int(np.prod(shape)) if len(shape) else 1
+            self.views[name] = self.flat[:, at:at + size].view(len(models), *shape).requires_grad_()
+            self.offsets.append((at, at + size))
+            at += size
+        buffer_names = [n for n, _ in self.base.named_buffers()]
+        self.buffers = {n: torch.stack([dict(m.named_buffers())[n].detach() for m in models]).to(device)
+                        for n in buffer_names}
+
+    def grad(self) -> torch.Tensor:
+        return torch.cat([(self.views[n].grad if self.views[n].grad is not None
+                           else torch.zeros_like(self.views[n])).flatten(1) for n in self.names], dim=1)
+
+
+def _call(bundle: _Bundle, x: torch.Tensor, probe: list[str] | None, acts: set[str],
+          vectorize: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Every job's output on its own batch x (K, B, ...), and the probed modules' output stats (K, S)."""
+    base = bundle.base
+
+    def one(params: dict, buffers: dict, xb: torch.Tensor):
+        captured: dict[str, torch.Tensor] = {}
+        handles = []
+        if probe:
+            modules = dict(base.named_modules())
+            for name in probe:
+                def hook(mod, args, out, name=name):
+                    if isinstance(out, torch.Tensor):
+                        captured[name] = _output_stats(out, name in acts)
+                handles.append(modules[name].register_forward_hook(hook))
+        try:
+            out = functional_call(base, (params, buffers), (xb,), tie_weights=True, strict=False)
+        finally:
+            for h in handles:
+                h.remove()
+        return out, captured
+
+    if vectorize:
+        return vmap(one, in_dims=(0, 0, 0), randomness="error")(bundle.views, bundle.buffers, x)
+    # The loop: job 0 alone (a bundle of one), called directly; its outputs and stats get K = 1.
+    params = {n: v[0] for n, v in bundle.views.items()}
+    buffers = {n: b[0] for n, b in bundle.buffers.items()}
+    out, captured = one(params, buffers, x[0])
+    return out.unsqueeze(0), {n: s.unsqueeze(0) for n, s in captured.items()}
+
+
+def _fit(jobs: list[Job], data: list[tasks.TaskData], built: list[nn.Module], *, divergence_ratio: float,
+         device: str, probes: bool, keep_params: bool, vectorize: bool,
+         steps: int | None = None) -> BundleOutput:
+    """Train a bundle (``vectorize``) or a single job (not) for ``steps`` (default: the jobs' own)."""
+    ref = jobs[0]
+    K, L = len(jobs), ref.log_every
+    steps = ref.steps if steps is None else steps
+    dev = torch.device(device)
+    bundle = _Bundle(built, dev)
+    opt = FlatOptimizer(jobs, bundle.flat)
+    classes = data[0].classes
+    first = tasks.batch_schedule(ref.seed, len(data[0].x_train), ref.batch_size, 0)[0]
+    order = forward_order(built[0], data[0].x_train[first])
+    cat = catalog(built[0], order)
+    probed = _probed(built[0])
+    rank = {n: i for i, n in enumerate(order)}
+    probed.sort(key=lambda n: rank.get(n, len(rank)))
+    index = {row["name"]: row["index"] for row in cat}
+    for n in probed:  # residual blocks are catalogued too (they hold the stream)
+        if n not in index:
+            index[n] = len(index)
+            cat.append({"name": n, "type": type(dict(built[0].named_modules())[n]).__name__, "shapes": "",
+                        "fan_in": float("nan"), "fan_out": float("nan"), "index": index[n]})
+    cat.sort(key=lambda r: rank.get(r["name"], len(rank) + r["index"]))
+    for i, row in enumerate(cat):
+        row["index"] = i
+    index = {row["name"]: row["index"] for row in cat}
+    modules = dict(built[0].named_modules())
+    acts = {n for n in probed if isinstance(modules[n], ACTIVATION_TYPES)}
+    owner = {n: n.rpartition(".")[0] for n in bundle.names}  # parameter -> its module's name
+    weights = [n for n in bundle.names if bundle.views[n].dim() >= 3]  # (K, out, ...) matrices
+    unit_layers = weights[:-1]  # units of the last layer (the head) are not interchangeable
+    rows = [TraceRow(owner[n], index.get(owner[n], -1), n.rpartition(".")[2]) for n in bundle.names]
+    rows += [TraceRow(n, index[n], "act" if n in acts else "output") for n in probed]
+    order_rows = sorted(range(len(rows)), key=lambda i: (rows[i].index, i))
+    rows = [rows[i] for i in order_rows]
+    where = {(r.module, r.param): i for i, r in enumerate(rows)}
+    n_params = len(bundle.names)
+
+    x_train = torch.stack([d.x_train for d in data]).to(dev)
+    y_train = torch.stack([d.y_train for d in data]).to(dev)
+    x_val = torch.stack([d.x_val for d in data]).to(dev)
+    y_val = torch.stack([d.y_val for d in data]).to(dev)
+    n = x_train.shape[1]
+    schedule = torch.stack([tasks.batch_schedule(j.seed, n, j.batch_size, steps) for j in jobs], 1).to(dev)
+
+    log_steps = np.array(sorted({*range(0, steps + 1, L), steps}))
+    n_log = len(log_steps)
+    losses = torch.full((steps + 1, K), float("nan"), device=dev)
+    val_loss = torch.full((n_log, K), float("nan"), device=dev)
+    val_acc = torch.full((n_log, K), float("nan"), device=dev)
+    grad_norm = torch.full((n_log, K), float("nan"), device=dev)
+    row_stats = torch.full((n_log, K, len(rows), len(STATS)), float("nan"), device=dev, dtype=torch.float64)
+    active = torch.ones(K, dtype=torch.bool, device=dev)
+    diverged_at = np.full(K, -1)
+    init_loss = torch.zeros(K, device=dev)
+    input_q = torch.zeros(K, device=dev)
+    li = 0
+    rng = torch.random.fork_rng(devices=[]) if not vectorize else None
+    if rng is not None:  # the loop: the job's random draws (dropout) are its own, seeded
+        rng.__enter__()
+        torch.manual_seed(tasks.derive_seed(ref.seed, "train"))
+    try:
+        for t in range(steps + 1):
+            logged = li < n_log and log_steps[li] == t
+            probing = probes and logged
+            idx = schedule[t]
+            x = torch.stack([x_train[k, idx[k]] for k in range(K)])
+            y = torch.stack([y_train[k, idx[k]] for k in range(K)])
+            bundle.base.train()
+            out, captured = _call(bundle, x, probed if probing else None, acts, vectorize)
+            loss = loss_per_job(out, y, classes)
+            if t == 0:
+                init_loss = loss.detach().clone()
+                input_q = x.float().pow(2).flatten(1).mean(1) if torch.is_floating_point(x) else input_q
+            bad = active & ~(torch.isfinite(loss) & (loss <= divergence_ratio * init_loss))
+            if bool(bad.any()):
+                for k in torch.nonzero(bad).flatten().tolist():
+                    diverged_at[k] = t
+                active &= ~bad
+            losses[t] = torch.where(active | bad, loss.detach(), torch.full_like(loss, float("nan")))
+            for v in bundle.views.values():
+                v.grad = None
+            torch.where(active | bad, loss, torch.zeros_like(loss)).sum().backward()
+            if probing:
+                with torch.no_grad():
+                    _probe(row_stats[li], grad_norm[li], bundle, captured, where, owner,
+                           unit_layers if li in (0, n_log - 1) else [])
+            if logged:
+                with torch.no_grad():
+                    bundle.base.eval()
+                    vout, _ = _call(bundle, x_val, None, acts, vectorize)
+                    val_loss[li] = loss_per_job(vout, y_val, classes)
+                    if classes is not None:
+                        val_acc[li] = (vout.argmax(-1) == y_val).float().flatten(1).mean(1)
+            for k in np.flatnonzero(diverged_at == t):
+                opt.retire(int(k))
+                for b in bundle.buffers.values():
+                    if torch.is_floating_point(b):
+                        b[k] = 0
+            before = bundle.flat.clone() if probing and t < steps else None
+            if t < steps:
+                g = bundle.grad()
+                g[~active] = 0
+                opt.step(g)
+            if before is not None:
+                with torch.no_grad():
+                    delta = bundle.flat - before
+                    for name, (a, b) in zip(bundle.names, bundle.offsets):
+                        row_stats[li, :, where[(owner[name], name.rpartition(".")[2])],
+                                  STATS.index("update_ratio")] = \
+                            (delta[:, a:b].norm(dim=1) / before[:, a:b].norm(dim=1)).double()
+            li += int(logged)
+            if not bool(active.any()):
+                break
+    finally:
+        if rng is not None:
+            rng.__exit__(None, None, None)
+    del n_params
+    final = ([[bundle.views[n][k].detach().cpu().clone() for n in bundle.names] for k in range(K)]
+             if keep_params else [])
+    return BundleOutput(log_steps=log_steps, losses=losses.cpu().numpy(), val_loss=val_loss.cpu().numpy(),
+                        val_acc=val_acc.cpu().numpy(), grad_norm=grad_norm.cpu().numpy(), rows=rows,
+                        row_stats=row_stats.cpu().numpy(), modules=cat, diverged_at=diverged_at,
+                        init_loss=init_loss.cpu().numpy(), input_q=input_q.cpu().numpy(),
+                        null_loss=np.array([d.null_loss for d in data]), dims=None, final_params=final)
+
+
+def _probe(out: torch.Tensor, grad_norm: torch.Tensor, bundle: _Bundle, captured: dict,
+           where: dict, owner: dict, unit_layers: list[str]) -> None:
+    """Fill one probe step's rows (K, rows, STATS) and whole-gradient norms (K,)."""
+    sq = torch.zeros(out.shape[0], device=out.device, dtype=torch.float64)
+    for name in bundle.names:
+        v = bundle.views[name]
+        row = where[(owner[name], name.rpartition(".")[2])]
+        values = stats(v.reshape(v.shape[0], -1), torch.float64) if v[0].numel() else None
+        if values is not None:
+            out[:, row, :4] = values
+        g = v.grad if v.grad is not None else torch.zeros_like(v)
+        gn = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1, dtype=torch.float64)
+        out[:, row, STATS.index("grad_norm")] = gn
+        sq += gn ** 2
+    for name, value in captured.items():
+        row = where[(name, "act")] if (name, "act") in where else where[(name, "output")]
+        out[:, row] = value.to(out.dtype)
+    for name in unit_layers:
+        w = bundle.views[name].detach()
+        bias = bundle.views.get(name.rpartition(".")[0] + ".bias")
+        matrix = w.reshape(w.shape[0], w.shape[1], -1)  # (K, out, fan_in)
+        b = bias.detach() if bias is not None and bias.shape[1:] == w.shape[1:2] else \
+            torch.zeros(w.shape[:2], dtype=w.dtype, device=w.device)
+        out[:, where[(owner[name], "weight")] if (owner[name], "weight") in where else
+            where[(owner[name], name.rpartition(".")[2])], STATS.index("distinct_frac")] = \
+            distinct_frac(matrix.transpose(1, 2), b).double()
+    grad_norm.copy_(sq.sqrt())
+
+
+def preflight(jobs: list[Job], data: list[tasks.TaskData], built: list[nn.Module], *,
+              device: str = "cpu") -> str | None:
+    """Why the bundle cannot be vectorized exactly, or None when it can.
+
+    One step of two of the jobs through ``vmap`` and through the per-job loop: a raise (vmap
+    cannot batch the module: ``.item()``, data-dependent control flow, random draws), or losses
+    or updated parameters that differ by more than ``PREFLIGHT_RTOL``, is a reason to fall back.
+    """
+    pair = list(range(min(2, len(jobs))))
+    try:
+        together = _fit([jobs[i] for i in pair], [data[i] for i in pair], [built[i] for i in pair],
+                        divergence_ratio=float("inf"), device=device, probes=False, keep_params=True,
+                        vectorize=True, steps=1)
+    except Exception as err:  # noqa: BLE001 - any failure of the vectorized path is a reason
+        return f"vmap raised {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    for j, i in enumerate(pair):
+        alone = _fit([jobs[i]], [data[i]], [built[i]], divergence_ratio=float("inf"), device=device,
+                     probes=False, keep_params=True, vectorize=False, steps=1)
+        a, b = together.losses[:2, j], alone.losses[:2, 0]
+        if not np.allclose(a, b, rtol=PREFLIGHT_RTOL, atol=1e-7, equal_nan=True):
+            worst = np.nanmax(np.abs(a - b) / np.abs(b))
+            return f"vmap's losses differ from the plain loop's (max rel {worst:.1e})"
+        for p, q in zip(together.final_params[j], alone.final_params[0]):
+            if not torch.allclose(p, q, rtol=PREFLIGHT_RTOL, atol=1e-6, equal_nan=True):
+                return "vmap's updated parameters differ from the plain loop's"
+    return None
+
+
+def train(jobs: list[Job], *, divergence_ratio: float = 10.0, device: str = "cpu", probes: bool = True,
+          keep_params: bool = False, vectorize: bool | None = None,
+          on_engine: Callable[[str, str], None] | None = None) -> list[BundleOutput]:
+    """Train a bundle of jobs that share a shape; returns one output per engine run, in job order.
+
+    Args:
+        vectorize: True forces vmap, False the per-job loop, None (default) lets :func:`preflight` decide.
+        on_engine: called with (engine, reason): ``("vmap", "")`` or ``("loop", why)``.
+
+    Returns:
+        One BundleOutput for the whole bundle (vmap), or one per job (the loop).
+    """
+    data = [tasks.load(j.task, j.task_params, j.seed) for j in jobs]
+    built = [build_model(j, d) for j, d in zip(jobs, data)]
+    reason = ""
+    if vectorize is None:
+        reason = preflight(jobs, data, built, device=device) or ""
+        vectorize = not reason
+    elif not vectorize:
+        reason = "the per-job loop was asked for"
+    if on_engine is not None:
+        on_engine("vmap" if vectorize else "loop", reason)
+    common = dict(divergence_ratio=divergence_ratio, device=device, probes=probes, keep_params=keep_params)
+    if vectorize:
+        return [_fit(jobs, data, built, vectorize=True, **common)]
+    return [_fit([j], [d], [m], vectorize=False, **common) for j, d, m in zip(jobs, data, built)]
