@@ -45,7 +45,7 @@ METRICS = ("steps_to_target", "final_loss", "best_loss", "loss_auc", "final_val_
            "dead_frac_final", "symmetric_frac_init", "symmetric_frac_final", "weight_growth",
            "null_loss", "signal_error")
 # Per-job numbers stored beside METRICS that the flags are computed from (not shown as metrics).
-INTERNAL = ("initial_loss", "first_grad_init", "act_overflow_init")
+INTERNAL = ("initial_loss", "first_grad_init", "act_overflow_init", "zero_head_init")
 PATHOLOGIES = ("vanishing_gradients", "exploding_gradients", "vanishing_activations", "exploding_activations",
                "exploding_weights", "dead_units", "symmetric_units", "stalled", "diverged")
 
@@ -157,6 +157,9 @@ def job_metrics(log_steps: np.ndarray, train_loss: np.ndarray, val_loss: np.ndar
     w0, w1 = np.sqrt(np.sum(s0[w, norm] ** 2)), np.sqrt(np.sum(s1[w, norm] ** 2))
     m["weight_growth"] = float(w1 / w0) if w0 > 0 else nan
     m["first_grad_init"] = float(s0[w[0], grad]) if len(w) else nan
+    # A zero-initialized output layer (Fixup, a zero head) passes no gradient below it at step 0, by
+    # design: the gradient ratio at step 0 then says nothing about how signal flows.
+    m["zero_head_init"] = float(len(w) > 1 and s0[w[-1], norm] == 0 and np.nansum(s0[w[:-1], norm]) > 0)
     return m
 
 
@@ -170,7 +173,8 @@ def pathologies(m: dict[str, float], cfg: MetricsConfig) -> list[str]:
     """The pathology flags a job's metrics raise (thresholds from ``[metrics]``; see README)."""
     flags = []
     ratio = m["grad_ratio_init"]
-    if m["first_grad_init"] == 0 or (np.isfinite(ratio) and ratio < cfg.vanishing_ratio):
+    if not m.get("zero_head_init", 0.0) and (
+            m["first_grad_init"] == 0 or (np.isfinite(ratio) and ratio < cfg.vanishing_ratio)):
         flags.append("vanishing_gradients")
     if ratio > cfg.exploding_ratio:
         flags.append("exploding_gradients")

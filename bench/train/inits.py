@@ -39,7 +39,7 @@ from torch import nn
 
 from bench.errors import UserError, is_number
 from bench.job import Rule
-from bench.train import activations
+from bench.train import activations, residual_inits
 
 BIAS_MODES = ("auto", "zeros", "default")
 # Norm layers whose affine pair every named scheme sets to (1, 0), as their constructors do.
@@ -325,6 +325,24 @@ INITS: dict[str, Scheme] = {
     "mean_field": Scheme(_per_tensor(mean_field_), {"sigma_w2": 2.0, "sigma_b2": 0.0}, tensor=mean_field_),
     "lsuv": Scheme(_lsuv, {"tol": 0.1, "max_iter": 10}, data_dependent=True),
 }
+
+
+def _residual(name: str) -> Callable[[nn.Module, InitContext], None]:
+    """A residual-aware scheme of bench.train.residual_inits as a registry entry."""
+    def apply(model: nn.Module, ctx: InitContext) -> None:
+        scheme = residual_inits.RESIDUAL_INITS[name]
+        scheme.apply(model, activation=ctx.activation or "relu", **ctx.params)
+
+    return apply
+
+
+# Schemes for residual nets and transformers (bench.train.residual_inits): they find the residual
+# branches through the block convention (architectures.py) and set every bias and norm themselves,
+# so init_bias does not apply to them. small_init and mup need the model's width and base shapes:
+# not in the registry yet.
+for _name in ("zero_residual", "fixup", "skipinit", "rezero", "gpt2"):
+    INITS[_name] = Scheme(_residual(_name), dict(residual_inits.RESIDUAL_INITS[_name].params),
+                          named=False, doc=(residual_inits.RESIDUAL_INITS[_name].apply.__doc__ or "").strip().splitlines()[0])
 
 
 def scheme(name: str) -> Scheme:

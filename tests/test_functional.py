@@ -1,0 +1,254 @@
+"""The engine for any module against the oracle: the plain nn.Module + torch.optim loop, one job at a time.
+
+The micrograd pattern, for architectures the MLP engine cannot stack: a CNN with BatchNorm, a
+residual MLP, a transformer with tied embedding and head weights, and a user factory from this
+file. Every job's loss curve must match the oracle's (relative 1e-4) for K = 1 and for bundles
+mixing schemes and learning rates; final parameters must match under SGD; a job's numbers must
+not depend on its bundle; modules vmap cannot batch exactly fall back to the per-job loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from bench import spec
+from bench.errors import UserError
+from bench.train import functional
+from bench.train.reference import train_plain
+
+USER_NETS = '''
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    branch_ends = ("conv2.weight",)
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv2(torch.relu(self.bn(self.conv1(x))))
+
+
+class Net(nn.Module):
+    def __init__(self, channels, depth, out_dim):
+        super().__init__()
+        self.stem = nn.Conv2d(1, channels, 3, padding=1)
+        self.blocks = nn.ModuleList(Block(channels) for _ in range(depth))
+        self.head = nn.Linear(channels, out_dim)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x.view(x.shape[0], 1, 8, 8)))
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def build(in_shape, out_dim, *, channels=4, depth=2):
+    return Net(channels, depth, out_dim)
+
+
+class Noisy(nn.Module):
+    def __init__(self, out_dim):
+        super().__init__()
+        self.fc = nn.Linear(64, 16)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(16, out_dim)
+
+    def forward(self, x):
+        return self.head(self.drop(torch.relu(self.fc(x))))
+
+
+def noisy(in_shape, out_dim):
+    return Noisy(out_dim)
+
+
+class Branchy(nn.Module):
+    def __init__(self, out_dim):
+        super().__init__()
+        self.fc = nn.Linear(64, out_dim)
+
+    def forward(self, x):
+        if x.mean().item() > 1e9:  # data-dependent control flow: vmap cannot batch it
+            return self.fc(x) * 0
+        return self.fc(x)
+
+
+def branchy(in_shape, out_dim):
+    return Branchy(out_dim)
+
+
+def not_a_module(in_shape, out_dim):
+    return "a string"
+'''
+
+
+@pytest.fixture(scope="module", autouse=True)
+def user_module(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("usernets")
+    (folder / "usernets.py").write_text(textwrap.dedent(USER_NETS))
+    sys.path.insert(0, str(folder))
+    yield
+    sys.path.remove(str(folder))
+    sys.modules.pop("usernets", None)
+
+
+def jobs_of(text: str) -> list[spec.Job]:
+    return spec.parse(textwrap.dedent(text)).jobs()
+
+
+CNN = """
+[grid]
+init = ["default", "kaiming_normal"]
+lr = [0.05, 0.02]
+seed = [0]
+[model]
+arch = "cnn"
+depth = 2
+width = 4
+norm = "batch"
+[task]
+name = "digits"
+images = true
+[train]
+steps = 6
+batch_size = 16
+log_every = 3
+"""
+RESMLP = """
+[grid]
+init = ["default", "xavier_normal"]
+lr = [0.01, 0.003]
+seed = [1]
+[model]
+arch = "resmlp"
+depth = 3
+width = 16
+[task]
+name = "teacher"
+n_train = 128
+[train]
+steps = 6
+batch_size = 16
+log_every = 3
+optimizer = "sgd"
+momentum = 0.9
+"""
+USER = """
+[grid]
+init = ["default", "orthogonal"]
+seed = [0, 1]
+[model]
+arch = "usernets:build"
+channels = 4
+[task]
+name = "digits"
+[train]
+steps = 5
+batch_size = 16
+log_every = 5
+lr = 0.05
+"""
+
+
+def assert_matches_oracle(jobs, *, rtol: float = 1e-4, params: bool = True) -> None:
+    outs = functional.train(jobs, keep_params=True, vectorize=True)
+    assert len(outs) == 1
+    out = outs[0]
+    for k, job in enumerate(jobs):
+        losses, model, _ = train_plain(job, record=False)
+        np.testing.assert_allclose(out.losses[:job.steps, k], losses, rtol=rtol, atol=1e-7,
+                                   err_msg=f"job {k} ({job.init}, lr {job.lr})")
+        if params:
+            for got, (name, want) in zip(out.final_params[k], model.named_parameters()):
+                torch.testing.assert_close(got, want.detach(), rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("text", [CNN, RESMLP, USER], ids=["cnn-batchnorm", "resmlp-momentum", "user"])
+def test_bundles_match_the_plain_loop(text):
+    assert_matches_oracle(jobs_of(text))
+
+
+@pytest.mark.parametrize("text", [CNN, USER], ids=["cnn-batchnorm", "user"])
+def test_a_single_job_matches_the_plain_loop(text):
+    assert_matches_oracle(jobs_of(text)[:1])
+
+
+def test_adam_matches_in_losses():
+    # Adam turns float rounding in near-zero gradients into lr-sized steps: compare losses only.
+    jobs = [dataclasses.replace(j, optimizer="adam", lr=0.003) for j in jobs_of(RESMLP)]
+    assert_matches_oracle(jobs, params=False)
+
+
+def test_numbers_do_not_depend_on_the_bundle():
+    jobs = jobs_of(CNN)
+    together = functional.train(jobs, vectorize=True)[0]
+    for k, job in enumerate(jobs):
+        alone = functional.train([job], vectorize=True)[0]
+        np.testing.assert_allclose(together.losses[:, k], alone.losses[:, 0], rtol=1e-5)
+        np.testing.assert_allclose(together.row_stats[:, k], alone.row_stats[:, 0], rtol=1e-4, atol=1e-6)
+
+
+def test_preflight_keeps_vmap_and_falls_back_with_a_reason():
+    used = {}
+    functional.train(jobs_of(USER)[:2], on_engine=lambda e, why: used.update(engine=e, why=why))
+    assert used == {"engine": "vmap", "why": ""}
+    for factory, words in (("usernets:noisy", "vmap raised"), ("usernets:branchy", "vmap raised")):
+        jobs = jobs_of(USER.replace('"usernets:build"', f'"{factory}"').replace("channels = 4", ""))
+        outs = functional.train(jobs[:2], on_engine=lambda e, why: used.update(engine=e, why=why))
+        assert used["engine"] == "loop" and words in used["why"], used
+        assert len(outs) == 2 and all(np.isfinite(o.losses[0]).all() for o in outs)
+
+
+def test_the_loop_is_reproducible_with_dropout():
+    job = jobs_of(USER.replace('"usernets:build"', '"usernets:noisy"').replace("channels = 4", ""))[0]
+    a = functional.train([job], vectorize=False)[0]
+    b = functional.train([job], vectorize=False)[0]
+    np.testing.assert_array_equal(a.losses, b.losses)
+
+
+def test_factory_settings_are_checked_before_training(tmp_path):
+    bad = USER.replace("channels = 4", "chanels = 4")
+    with pytest.raises(UserError, match=r"\[model\] chanels: usernets:build does not take .*accepts"):
+        spec.parse(textwrap.dedent(bad))
+    with pytest.raises(UserError, match="unknown key \\[model\\] 'norm'"):
+        spec.parse(textwrap.dedent(CNN.replace('arch = "cnn"', 'arch = "mlp"')))
+    axis = USER.replace("channels = 4", "").replace("seed = [0, 1]", 'seed = [0]\n"model.channels" = [2, 4]')
+    jobs = jobs_of(axis)
+    assert sorted(j.settings()["model.channels"] for j in jobs) == [2, 2, 4, 4]
+
+
+def test_a_factory_that_fails_is_a_failed_job_and_the_sweep_goes_on(tmp_path):
+    import bench
+    from bench import sweep
+
+    text = USER.replace('init = ["default", "orthogonal"]', 'init = ["default"]').replace(
+        '"usernets:build"', '"usernets:not_a_module"').replace("channels = 4", "")
+    path = tmp_path / "spec.toml"
+    path.write_text(textwrap.dedent(text))
+    assert sweep.main([str(path), "--out", str(tmp_path / "out"), "--quiet", "--no-report",
+                       "--jobs", "1"]) == 1
+    runs = bench.load(tmp_path / "out").runs
+    assert (runs["status"] == "failed").all() and runs["error"].str.contains("not a torch.nn.Module").all()
+
+
+def test_probes_name_every_module_and_parameter():
+    out = functional.train(jobs_of(USER)[:1], vectorize=True)[0]
+    names = {row["name"] for row in out.modules}
+    assert {"stem", "blocks.0", "blocks.0.conv1", "blocks.0.bn", "blocks.1.conv2", "head"} <= names
+    rows = {(r.module, r.param) for r in out.rows}
+    assert ("blocks.0.bn", "weight") in rows and ("blocks.1", "output") in rows and ("head", "bias") in rows
+    assert all(r.module in names for r in out.rows)
+    step0 = out.row_stats[0, 0]
+    grads = [step0[i, 4] for i, r in enumerate(out.rows) if r.param in ("weight", "bias")]
+    assert np.isfinite(grads).all() and (np.asarray(grads) > 0).all()  # every parameter gets a gradient
