@@ -341,8 +341,9 @@ def _residual(name: str) -> Callable[[nn.Module, InitContext], None]:
 # so init_bias does not apply to them. small_init and mup need the model's width and base shapes:
 # not in the registry yet.
 for _name in ("zero_residual", "fixup", "skipinit", "rezero", "gpt2"):
-    INITS[_name] = Scheme(_residual(_name), dict(residual_inits.RESIDUAL_INITS[_name].params),
-                          named=False, doc=(residual_inits.RESIDUAL_INITS[_name].apply.__doc__ or "").strip().splitlines()[0])
+    _entry = residual_inits.RESIDUAL_INITS[_name]
+    INITS[_name] = Scheme(_residual(_name), dict(_entry.params), named=False,
+                          doc=(_entry.apply.__doc__ or "").strip().splitlines()[0])
 
 
 def scheme(name: str) -> Scheme:
