@@ -140,7 +140,7 @@ def save(directory: str | Path, path: str | Path, spec_path: str | None = None) 
     first, *rest = cells.values()
     common = {k: v for k, v in first.settings.items() if all(c.settings.get(k, _ABSENT) == v for c in rest)}
     doc = {"format": FORMAT, "version": VERSION,
-           "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
            "environment": {**results.meta.get("env", {}), "saved_by": f"initbench {PACKAGE_VERSION}"},
            "spec": {"name": results.meta.get("spec_name", ""),
                     "path": spec_path or results.meta.get("spec_path", ""), "text": results.spec_text},

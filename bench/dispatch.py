@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import logging
 import math
@@ -34,7 +35,8 @@ from bench.errors import UserError
 from bench.job import Job
 from bench.record import JobResult
 from bench.settings import MetricsConfig
-from bench.train import functional
+from bench.train import functional, tasks
+from bench.train.bundle import build_model
 from bench.train.stacked import flops_per_step, train
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,8 @@ class Bundle:
     def cost(self) -> float:
         """Estimated training FLOPs (input and output widths approximated by the hidden width)."""
         job = self.jobs[0]
+        if job.arch != "mlp":
+            return len(self.jobs) * job.steps * measured(job)[0]
         return len(self.jobs) * job.steps * flops_per_step(job, job.width, job.width)
 
 
@@ -92,13 +96,56 @@ def parse_devices(text: str, cuda_count: int | None = None) -> list[str]:
     return devices
 
 
+@functools.lru_cache(maxsize=256)
+def _measure(job: Job) -> tuple[float, float]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    data = tasks.load(job.task, job.task_params, job.seed)
+    model = build_model(job, data)
+    kept = [0]
+
+    def count(module, args, out):
+        if isinstance(out, torch.Tensor) and not list(module.children()):
+            kept[0] += out.numel()
+
+    handles = [m.register_forward_hook(count) for m in model.modules()]
+    try:
+        with FlopCounterMode(display=False) as flops:
+            model(data.x_train[:job.batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+    params = sum(p.numel() for p in model.parameters())
+    data_elems = sum(t.numel() for t in (data.x_train, data.y_train, data.x_val, data.y_val))
+    # Training: the forward, and a backward of about twice its cost. Memory: parameters with their
+    # gradient, optimizer state and probe copy, every leaf module's output and its gradient, the data.
+    return 3.0 * flops.get_total_flops(), 4.0 * (6 * params + 2 * kept[0] + data_elems)
+
+
+def measured(job: Job) -> tuple[float, float]:
+    """(training FLOPs of one step, training bytes) of one job of a non-MLP architecture, measured.
+
+    The model is built once per shape (cached) and run on one batch at plan time under
+    ``torch.utils.flop_counter.FlopCounterMode``; a model that fails to build counts as free (its
+    jobs then fail with their error when they run, one at a time).
+    """
+    shape = dataclasses.replace(job, seed=0, init="default", init_params=(), init_rules=(), rules="none",
+                                lr=0.01)
+    try:
+        return _measure(shape)
+    except Exception:  # noqa: BLE001 - the job reports its own error when it runs
+        return 0.0, 0.0
+
+
 def job_bytes(job: Job) -> float:
     """Estimated training memory of one job in a bundle (float32): parameters with their gradient,
     optimizer state and probe copy, the activations autograd keeps, and the job's data.
 
     Input and output widths are approximated by the hidden width; the estimate is for sizing
-    bundles, not a promise.
+    bundles, not a promise. Other architectures are measured (:func:`measured`).
     """
+    if job.arch != "mlp":
+        return max(measured(job)[1], 1.0)
     params = job.depth * (job.width * job.width + job.width)
     activations = 4 * job.batch_size * job.width * job.depth  # z, h and their gradients
     data = 2 * 2048 * job.width  # a few thousand samples of train and val inputs

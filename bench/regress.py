@@ -18,13 +18,13 @@ import argparse
 import json
 import math
 import sys
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tomllib
 
 from bench import cli, runner
 from bench.baseline import (

@@ -15,15 +15,11 @@ import hashlib
 import itertools
 import json
 import re
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10 (pyproject allows it): the same parser as a package
-    import tomli as tomllib
 
 from bench.errors import UserError, is_number
 from bench.job import Job

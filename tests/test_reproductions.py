@@ -9,11 +9,11 @@ them through the same functions that make docs/reproductions.md (``bench.reprodu
 from __future__ import annotations
 
 import math
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tomllib
 import torch
 from torch import nn
 

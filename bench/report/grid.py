@@ -15,13 +15,13 @@ Conventions used throughout the report:
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import seaborn as sns
-import tomllib
 
 from bench.schema import axis_column
 from bench.settings import MetricsConfig, metrics_from

@@ -45,7 +45,7 @@ def header(grid: Grid, meta: dict[str, Any]) -> dict[str, Any]:
     wall = pd.to_numeric(pd.Series([meta.get("wall_s")]), errors="coerce").iloc[0]
     wall = f"{wall:.1f} s" if np.isfinite(wall) else "unknown (still running, or interrupted)"
     try:
-        created = dt.datetime.fromtimestamp(float(meta["created"]), dt.timezone.utc)
+        created = dt.datetime.fromtimestamp(float(meta["created"]), dt.UTC)
         created = created.strftime("%Y-%m-%d %H:%M UTC")
     except (KeyError, ValueError, OverflowError, OSError):
         created = "unknown"
