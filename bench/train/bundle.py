@@ -57,19 +57,35 @@ def build_model(job: Job, data: tasks.TaskData) -> nn.Sequential:
     and the same job draws the same weights in any process, alone or bundled. One build at a
     time per process: bundles trained by concurrent threads share that global RNG.
     """
+    if data.per_token:  # the MLP predicts one output vector per sample (ARCHS holds only the MLP)
+        raise tasks.TaskError(f"task {job.task!r} has per-token targets {tuple(data.y_train.shape[1:])}: "
+                              f"arch {job.arch!r} predicts one output per sample, not one per token")
     with _BUILDING, torch.random.fork_rng(devices=[]):
         torch.manual_seed(tasks.derive_seed(job.seed, "init"))
         model = models.ARCHS[job.arch](data.d_in, data.d_out, job.depth, job.width, job.activation)
         first = tasks.batch_schedule(job.seed, len(data.x_train), job.batch_size, 0)[0]
         ctx = inits.InitContext(activation=job.activation, params=dict(job.init_params),
-                                data=data.x_train[first], forward=models.preactivations)
+                                data=mlp_rows(data.x_train[first]), forward=models.preactivations)
         inits.apply(model, job.init, ctx, job.init_bias, job.init_rules)
     return model
 
 
+def mlp_rows(x: torch.Tensor) -> torch.Tensor:
+    """Samples as the MLP reads them: one float row each ((B, 1, 8, 8) images are (B, 64) rows).
+
+    Integer inputs (token ids) become numbers; an MLP has no embedding to look them up in.
+    """
+    return x.flatten(1).float()
+
+
 def loss_per_job(out: torch.Tensor, y: torch.Tensor, classes: int | None) -> torch.Tensor:
-    """Mean loss of each job over its batch: MSE for regression, cross-entropy for classes. Shape (K,)."""
+    """Mean loss of each job over its batch, shape (K,).
+
+    Regression: MSE averaged over everything but the job axis (out and y (K, B, d), or any trailing
+    dims). Classes: cross-entropy of out (K, B, C) against y (K, B), or per token, out (K, B, T, C)
+    against y (K, B, T), averaged over the batch and its tokens.
+    """
     if classes is None:
-        return ((out - y) ** 2).mean(dim=(1, 2))
-    k, b, c = out.shape
-    return F.cross_entropy(out.reshape(k * b, c), y.reshape(k * b), reduction="none").view(k, b).mean(1)
+        return ((out - y) ** 2).mean(dim=tuple(range(1, out.dim())))
+    k, c = out.shape[0], out.shape[-1]
+    return F.cross_entropy(out.reshape(-1, c), y.reshape(-1), reduction="none").view(k, -1).mean(1)

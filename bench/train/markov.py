@@ -6,12 +6,10 @@ concentration < 1 the rows are peaked, so the loss floor (the chain's entropy ra
 well below log(vocab), and a model that learns the chain is told apart from one that
 learns only token frequencies.
 
-Why not a ``bench.train.tasks.TASKS`` entry: ``tasks._check`` assumes one label per sample.
-It casts x to float and reshapes integer targets with ``reshape(-1)`` *after* its length
-check, so (N, T) targets pass it and come out as N * T labels beside N input rows: silently
-wrong data, not an error (tests/test_markov.py pins this down). :func:`markov` has the tasks'
-loader signature and :data:`DEFAULTS` their settings format, so the entry is one line once
-``_check`` keeps (N, T) int64 tokens and targets.
+``bench.train.tasks.TASKS["markov"]`` serves it: x and y (N, T) int64, the vocabulary and
+the loss floor (:meth:`Chain.loss_floor`) declared, so ``TaskData.classes`` is ``vocab`` and
+``TaskData.loss_floor`` the floor. This module stays standalone: it knows the chain, not the
+registry (which imports it).
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ import numpy as np
 import torch
 
 from bench.errors import UserError
-from bench.train.tasks import derive_seed
+from bench.train.seeds import derive_seed
 
 DEFAULTS = {"vocab": 16, "order": 1, "seq_len": 32, "chain_seed": 0, "n_train": 1024, "n_val": 256,
             "concentration": 0.3}
