@@ -118,6 +118,18 @@ def test_markov_loads_through_tasks_with_its_vocabulary_and_loss_floor():
     assert tasks.load("teacher", params("teacher"), 0).loss_floor is None
 
 
+@pytest.mark.parametrize(("given", "message"), [
+    ({"order": 3}, "[task] order = 3 for task 'markov': choose from [1, 2]"),
+    ({"seq_len": 1, "order": 2}, "[task] seq_len = 1 for task 'markov' must be >= order = 2"),
+])
+def test_markov_settings_are_checked_when_the_spec_is_read(given, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        tasks.resolve_params("markov", given)
+    text = 'name = "t"\n[task]\nname = "markov"\n' + "".join(f"{k} = {v}\n" for k, v in given.items())
+    with pytest.raises(UserError, match=re.escape(message)):
+        spec.parse(text, "<t>")
+
+
 def test_the_mlp_refuses_per_token_targets_with_a_clear_error():
     jobs = spec.parse('name = "t"\n[model]\nwidth = 8\ndepth = 2\n[task]\nname = "markov"\nn_train = 32\n'
                       'n_val = 8\n[train]\nsteps = 2\nbatch_size = 8\n', "<t>").jobs()

@@ -120,13 +120,19 @@ def markov(seed: int, *, vocab: int, order: int, seq_len: int, chain_seed: int, 
     Each sample is a stationary run of T + 1 tokens; x is its first T, y its last T.
     The floor of the mean cross-entropy is ``chain(...).loss_floor(seq_len)``.
     """
-    if seq_len < order:
-        raise UserError(f"[task] seq_len = {seq_len} for task 'markov' must be >= order = {order}")
-    c = chain(vocab=vocab, order=order, chain_seed=chain_seed, concentration=concentration)
+    c = check(vocab=vocab, order=order, seq_len=seq_len, chain_seed=chain_seed, concentration=concentration)
     g = torch.Generator().manual_seed(derive_seed(seed, "data"))
     runs = c.sample(n_train + n_val, seq_len + 1, g)
     x, y = runs[:, :-1].contiguous(), runs[:, 1:].contiguous()
     return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+
+
+def check(*, vocab: int, order: int, seq_len: int, chain_seed: int, concentration: float,
+          **_: object) -> Chain:
+    """The settings' chain, or a UserError naming the bad setting (the spec calls it before any job runs)."""
+    if seq_len < order:
+        raise UserError(f"[task] seq_len = {seq_len} for task 'markov' must be >= order = {order}")
+    return chain(vocab=vocab, order=order, chain_seed=chain_seed, concentration=concentration)
 
 
 def null_entropy(c: Chain) -> float:

@@ -164,8 +164,7 @@ def markov(seed: int, **settings: Any) -> tuple:
     Declares its vocabulary (a token the sample misses is still a class) and its loss floor,
     the exact minimum mean cross-entropy over a sequence's positions.
     """
-    chain = markov_task.chain(vocab=settings["vocab"], order=settings["order"],
-                              chain_seed=settings["chain_seed"], concentration=settings["concentration"])
+    chain = markov_task.check(**settings)
     return (*markov_task.markov(seed, **settings),
             {"classes": settings["vocab"], "loss_floor": chain.loss_floor(settings["seq_len"])})
 
@@ -182,6 +181,7 @@ class Task:
     load: Callable[..., tuple]
     params: dict[str, Any]
     added: dict[str, Any] = field(default_factory=dict)
+    check: Callable[..., Any] | None = None  # called with the resolved settings; raises UserError
 
 
 TASKS: dict[str, Task] = {
@@ -190,7 +190,7 @@ TASKS: dict[str, Task] = {
     "spirals": Task(spirals, {"n_train": 1024, "n_val": 256, "noise": 0.1, "turns": 1.5}),
     "digits": Task(digits, {"n_val": 297, "split_seed": 0}, added={"images": False}),
     "blog": Task(blog, {}),
-    "markov": Task(markov, dict(markov_task.DEFAULTS)),
+    "markov": Task(markov, dict(markov_task.DEFAULTS), check=markov_task.check),
 }
 
 
@@ -221,7 +221,10 @@ def resolve_params(name: str, given: dict[str, Any]) -> dict[str, Any]:
             kind = "an integer" if want is int else "a finite number"
             raise UserError(f"[task] {key} = {value!r}: expected {kind} >= {minimum}")
     given = {k: v for k, v in given.items() if not (k in task.added and v == task.added[k])}
-    return {**task.params, **{k: float(v) if type(defaults[k]) is float else v for k, v in given.items()}}
+    resolved = {**task.params, **{k: float(v) if type(defaults[k]) is float else v for k, v in given.items()}}
+    if task.check is not None:
+        task.check(**resolved)  # settings only the task can judge, judged now rather than in a worker
+    return resolved
 
 
 def _factory_value(key: str, value: Any, whole: Any) -> Any:
