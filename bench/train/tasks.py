@@ -45,7 +45,7 @@ class TaskData:
     x_val: torch.Tensor
     y_val: torch.Tensor
     classes: int | None
-    loss_floor: float | None = field(default=None)
+    loss_floor: float | None = None
 
     @property
     def in_shape(self) -> tuple[int, ...]:
