@@ -109,10 +109,13 @@ def test_a_tiny_gpt_learns_the_chain_down_to_near_its_floor():
     assert floor - 0.05 < val < floor + 0.25 * (null - floor)  # measured 1.485; floor 1.424, null 2.015
 
 
-def test_why_markov_is_not_a_tasks_entry_yet():
-    # tasks._check flattens (N, T) targets to N * T labels beside N float rows, without an error.
-    # When this test fails, _check handles sequences: add markov to tasks.TASKS.
+def test_markov_is_a_task_with_its_vocabulary_and_floor():
     from bench.train import tasks
 
-    data = tasks._check("markov", load(seq_len=8))
-    assert data.x_train.dtype == torch.float32 and data.y_train.shape == (64 * 8,)
+    params = tuple(sorted({**M.DEFAULTS, "n_train": 64, "n_val": 16, "seq_len": 8}.items()))
+    data = tasks.load("markov", params, 0)
+    x, y, _, _ = load(seq_len=8)
+    assert torch.equal(data.x_train, x) and torch.equal(data.y_train, y)
+    assert data.x_train.dtype == torch.int64 and data.y_train.shape == (64, 8) and data.per_token
+    c = M.chain(vocab=16, order=1, chain_seed=0, concentration=0.3)
+    assert data.classes == 16 and data.loss_floor == pytest.approx(c.loss_floor(8), rel=1e-12)

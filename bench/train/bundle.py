@@ -59,18 +59,21 @@ def build_model(job: Job, data: tasks.TaskData) -> nn.Module:
     weights in any process, alone or bundled. One build at a time per process: bundles trained
     by concurrent threads share that global RNG.
     """
+    if data.per_token and job.arch in models.ARCHS:  # the MLP predicts one output vector per sample
+        raise tasks.TaskError(f"task {job.task!r} has per-token targets {tuple(data.y_train.shape[1:])}: "
+                              f"arch {job.arch!r} predicts one output per sample, not one per token")
     with _BUILDING, torch.random.fork_rng(devices=[]):
         torch.manual_seed(tasks.derive_seed(job.seed, "init"))
         first = tasks.batch_schedule(job.seed, len(data.x_train), job.batch_size, 0)[0]
         if job.arch in models.ARCHS:
             model = models.ARCHS[job.arch](data.d_in, data.d_out, job.depth, job.width, job.activation)
             ctx = inits.InitContext(activation=job.activation, params=dict(job.init_params),
-                                    data=data.x_train[first], forward=models.preactivations)
+                                    data=mlp_rows(data.x_train[first]), forward=models.preactivations)
         else:
             settings = models.factory_settings(
                 job.arch, {"depth": job.depth, "width": job.width, "activation": job.activation,
                            **dict(job.model_params)}, [k for k, _ in job.model_params])
-            model = models.build(job.arch, in_shape(data), out_dim(data), settings)
+            model = models.build(job.arch, data.in_shape, data.out_dim, settings)
             # A factory that takes no activation setting has no single known nonlinearity.
             ctx = inits.InitContext(activation=settings.get("activation"), params=dict(job.init_params),
                                     data=data.x_train[first])
@@ -78,24 +81,22 @@ def build_model(job: Job, data: tasks.TaskData) -> nn.Module:
     return model
 
 
-def in_shape(data: tasks.TaskData) -> tuple[int, ...]:
-    """One input sample's shape."""
-    return tuple(data.x_train.shape[1:])
+def mlp_rows(x: torch.Tensor) -> torch.Tensor:
+    """Samples as the MLP reads them: one float row each ((B, 1, 8, 8) images are (B, 64) rows).
 
-
-def out_dim(data: tasks.TaskData) -> int:
-    """Classes (or vocabulary) for classification, the target width for regression."""
-    return int(data.classes) if data.classes is not None else int(data.y_train.shape[-1])
+    Integer inputs (token ids) become numbers; an MLP has no embedding to look them up in.
+    """
+    return x.flatten(1).float()
 
 
 def loss_per_job(out: torch.Tensor, y: torch.Tensor, classes: int | None) -> torch.Tensor:
-    """Mean loss of each job over its batch: MSE for regression, cross-entropy for classes. Shape (K,).
+    """Mean loss of each job over its batch, shape (K,).
 
-    ``out`` is (K, B, C) with class targets ``y`` (K, B), or (K, B, T, C) with per-token targets
-    (K, B, T) (averaged over tokens); for regression ``out`` and ``y`` are (K, B, ...).
+    Regression: MSE averaged over everything but the job axis (out and y (K, B, d), or any trailing
+    dims). Classes: cross-entropy of out (K, B, C) against y (K, B), or per token, out (K, B, T, C)
+    against y (K, B, T), averaged over the batch and its tokens.
     """
     if classes is None:
-        return ((out - y) ** 2).flatten(1).mean(1)
-    c = out.shape[-1]
-    per = F.cross_entropy(out.reshape(-1, c), y.reshape(-1), reduction="none")
-    return per.view(out.shape[0], -1).mean(1)
+        return ((out - y) ** 2).mean(dim=tuple(range(1, out.dim())))
+    k, c = out.shape[0], out.shape[-1]
+    return F.cross_entropy(out.reshape(-1, c), y.reshape(-1), reduction="none").view(k, -1).mean(1)

@@ -6,12 +6,10 @@ concentration < 1 the rows are peaked, so the loss floor (the chain's entropy ra
 well below log(vocab), and a model that learns the chain is told apart from one that
 learns only token frequencies.
 
-Why not a ``bench.train.tasks.TASKS`` entry: ``tasks._check`` assumes one label per sample.
-It casts x to float and reshapes integer targets with ``reshape(-1)`` *after* its length
-check, so (N, T) targets pass it and come out as N * T labels beside N input rows: silently
-wrong data, not an error (tests/test_markov.py pins this down). :func:`markov` has the tasks'
-loader signature and :data:`DEFAULTS` their settings format, so the entry is one line once
-``_check`` keeps (N, T) int64 tokens and targets.
+``bench.train.tasks.TASKS["markov"]`` serves it: x and y (N, T) int64, the vocabulary and
+the loss floor (:meth:`Chain.loss_floor`) declared, so ``TaskData.classes`` is ``vocab`` and
+``TaskData.loss_floor`` the floor. This module stays standalone: it knows the chain, not the
+registry (which imports it).
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ import numpy as np
 import torch
 
 from bench.errors import UserError
-from bench.train.tasks import derive_seed
+from bench.train.seeds import derive_seed
 
 DEFAULTS = {"vocab": 16, "order": 1, "seq_len": 32, "chain_seed": 0, "n_train": 1024, "n_val": 256,
             "concentration": 0.3}
@@ -122,13 +120,19 @@ def markov(seed: int, *, vocab: int, order: int, seq_len: int, chain_seed: int, 
     Each sample is a stationary run of T + 1 tokens; x is its first T, y its last T.
     The floor of the mean cross-entropy is ``chain(...).loss_floor(seq_len)``.
     """
-    if seq_len < order:
-        raise UserError(f"[task] seq_len = {seq_len} for task 'markov' must be >= order = {order}")
-    c = chain(vocab=vocab, order=order, chain_seed=chain_seed, concentration=concentration)
+    c = check(vocab=vocab, order=order, seq_len=seq_len, chain_seed=chain_seed, concentration=concentration)
     g = torch.Generator().manual_seed(derive_seed(seed, "data"))
     runs = c.sample(n_train + n_val, seq_len + 1, g)
     x, y = runs[:, :-1].contiguous(), runs[:, 1:].contiguous()
     return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+
+
+def check(*, vocab: int, order: int, seq_len: int, chain_seed: int, concentration: float,
+          **_: object) -> Chain:
+    """The settings' chain, or a UserError naming the bad setting (the spec calls it before any job runs)."""
+    if seq_len < order:
+        raise UserError(f"[task] seq_len = {seq_len} for task 'markov' must be >= order = {order}")
+    return chain(vocab=vocab, order=order, chain_seed=chain_seed, concentration=concentration)
 
 
 def null_entropy(c: Chain) -> float:

@@ -14,7 +14,7 @@ from torch import nn
 
 from bench.job import Job
 from bench.train import tasks
-from bench.train.bundle import build_model, loss_per_job
+from bench.train.bundle import build_model, loss_per_job, mlp_rows
 
 
 def make_optimizer(job: Job, params) -> torch.optim.Optimizer:
@@ -39,7 +39,7 @@ def train_plain(job: Job, *, record: bool = True) -> tuple[list[float], nn.Modul
     for t in range(job.steps):
         idx = schedule[t]
         opt.zero_grad()
-        out = model(data.x_train[idx])
+        out = model(mlp_rows(data.x_train[idx]))
         loss = loss_per_job(out.unsqueeze(0), data.y_train[idx].unsqueeze(0), data.classes)[0]
         loss.backward()
         losses.append(loss.item())

@@ -21,7 +21,7 @@ import torch
 from bench.job import Job
 from bench.schema import KINDS, STATS
 from bench.train import activations, models, tasks
-from bench.train.bundle import BundleOutput, TraceRow, build_model, loss_per_job
+from bench.train.bundle import BundleOutput, TraceRow, build_model, loss_per_job, mlp_rows
 from bench.train.optim import FlatOptimizer
 from bench.train.probes import catalog, probe
 
@@ -66,9 +66,9 @@ def train(jobs: list[Job], *, divergence_ratio: float = 10.0, device: str = "cpu
     act = activations.get(ref.activation)
     act_fn, act_inplace = act.fn, act.inplace or act.fn  # in place when a step records no preactivations
 
-    x_train = torch.stack([d.x_train for d in data]).to(dev)
+    x_train = torch.stack([mlp_rows(d.x_train) for d in data]).to(dev)
     y_train = torch.stack([d.y_train for d in data]).to(dev)
-    x_val = torch.stack([d.x_val for d in data]).to(dev)
+    x_val = torch.stack([mlp_rows(d.x_val) for d in data]).to(dev)
     y_val = torch.stack([d.y_val for d in data]).to(dev)
     n, d_in, d_out = x_train.shape[1], x_train.shape[2], y_train.shape[2:]
     # Every step's batch as row numbers into the (K * n, ...) data: one index_select per step
