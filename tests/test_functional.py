@@ -19,6 +19,7 @@ import torch
 
 from bench import spec
 from bench.errors import UserError
+from bench.schema import STATS
 from bench.train import functional
 from bench.train.reference import train_plain
 
@@ -88,6 +89,30 @@ def branchy(in_shape, out_dim):
     return Branchy(out_dim)
 
 
+class TinyGPT(nn.Module):
+    """Token and position embeddings, one nn.MultiheadAttention block, a head tied to the embedding."""
+
+    def __init__(self, vocab, seq_len, width):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, width)
+        self.pos = nn.Parameter(torch.zeros(seq_len, width))
+        self.ln = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, 2, batch_first=True)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.tok.weight  # tied
+        self.register_buffer("mask", torch.triu(torch.full((seq_len, seq_len), float("-inf")), 1))
+
+    def forward(self, x):
+        h = self.tok(x) + self.pos
+        a = self.ln(h)
+        h = h + self.attn(a, a, a, attn_mask=self.mask, need_weights=False)[0]
+        return self.head(h)
+
+
+def gpt(in_shape, out_dim, *, width=16):
+    return TinyGPT(out_dim, in_shape[0], width)
+
+
 def not_a_module(in_shape, out_dim):
     return "a string"
 '''
@@ -144,6 +169,25 @@ log_every = 3
 optimizer = "sgd"
 momentum = 0.9
 """
+GPT = """
+[grid]
+init = ["default", "xavier_uniform"]
+lr = [0.1, 0.03]
+seed = [0]
+[model]
+arch = "{arch}"
+width = 16
+[task]
+name = "markov"
+vocab = 11
+seq_len = 8
+n_train = 64
+n_val = 32
+[train]
+steps = 5
+batch_size = 8
+log_every = 5
+"""
 USER = """
 [grid]
 init = ["default", "orthogonal"]
@@ -174,7 +218,12 @@ def assert_matches_oracle(jobs, *, rtol: float = 1e-4, params: bool = True) -> N
                 torch.testing.assert_close(got, want.detach(), rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("text", [CNN, RESMLP, USER], ids=["cnn-batchnorm", "resmlp-momentum", "user"])
+TRANSFORMER = GPT.format(arch="transformer").replace("width = 16",
+                                                     "width = 16\ndepth = 2\nheads = 2\ntied = true")
+
+
+@pytest.mark.parametrize("text", [CNN, RESMLP, USER, GPT.format(arch="usernets:gpt"), TRANSFORMER],
+                         ids=["cnn-batchnorm", "resmlp-momentum", "user", "mha-tied", "transformer-tied"])
 def test_bundles_match_the_plain_loop(text):
     assert_matches_oracle(jobs_of(text))
 
@@ -190,13 +239,28 @@ def test_adam_matches_in_losses():
     assert_matches_oracle(jobs, params=False)
 
 
+def test_tied_weights_stay_one_tensor():
+    jobs = jobs_of(GPT.format(arch="usernets:gpt"))
+    out = functional.train(jobs, keep_params=True, vectorize=True)[0]
+    names = [(r.module, r.param) for r in out.rows if r.param == "weight"]
+    assert ("tok", "weight") in names and ("head", "weight") not in names  # trained once, as the embedding
+    losses, model, _ = train_plain(jobs[0], record=False)
+    assert model.head.weight is model.tok.weight
+
+
 def test_numbers_do_not_depend_on_the_bundle():
     jobs = jobs_of(CNN)
     together = functional.train(jobs, vectorize=True)[0]
     for k, job in enumerate(jobs):
         alone = functional.train([job], vectorize=True)[0]
         np.testing.assert_allclose(together.losses[:, k], alone.losses[:, 0], rtol=1e-5)
-        np.testing.assert_allclose(together.row_stats[:, k], alone.row_stats[:, 0], rtol=1e-4, atol=1e-6)
+        a, b = together.row_stats[:, k].copy(), alone.row_stats[:, 0].copy()
+        # A conv bias before BatchNorm has a gradient that is zero but for float noise (~1e-8): its
+        # update ratio is noise over noise, different in every batching. Compare it where it is real.
+        noise = (a[..., STATS.index("grad_norm")] < 1e-6)[..., None] & \
+            (np.arange(len(STATS)) == STATS.index("update_ratio"))
+        a[noise], b[noise] = 0, 0
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_preflight_keeps_vmap_and_falls_back_with_a_reason():
@@ -208,6 +272,13 @@ def test_preflight_keeps_vmap_and_falls_back_with_a_reason():
         outs = functional.train(jobs[:2], on_engine=lambda e, why: used.update(engine=e, why=why))
         assert used["engine"] == "loop" and words in used["why"], used
         assert len(outs) == 2 and all(np.isfinite(o.losses[0]).all() for o in outs)
+
+
+def test_an_operator_vmap_cannot_batch_falls_back_to_the_loop():
+    """CPU flash attention has no batching rule in vmap: it would run job by job anyway."""
+    used = {}
+    outs = functional.train(jobs_of(TRANSFORMER)[:2], on_engine=lambda e, why: used.update(engine=e, why=why))
+    assert used["engine"] == "loop" and "no batching rule" in used["why"] and len(outs) == 2
 
 
 def test_the_loop_is_reproducible_with_dropout():

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -316,11 +317,17 @@ def preflight(jobs: list[Job], data: list[tasks.TaskData], built: list[nn.Module
     """
     pair = list(range(min(2, len(jobs))))
     try:
-        together = _fit([jobs[i] for i in pair], [data[i] for i in pair], [built[i] for i in pair],
-                        divergence_ratio=float("inf"), device=device, probes=False, keep_params=True,
-                        vectorize=True, steps=1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            together = _fit([jobs[i] for i in pair], [data[i] for i in pair], [built[i] for i in pair],
+                            divergence_ratio=float("inf"), device=device, probes=False, keep_params=True,
+                            vectorize=True, steps=1)
     except Exception as err:  # noqa: BLE001 - any failure of the vectorized path is a reason
         return f"vmap raised {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    slow = [str(w.message) for w in caught if "not yet implemented the batching rule" in str(w.message)]
+    if slow:  # vmap would run that operator job by job anyway, with its own overhead on top
+        op = re.search(r"batching rule for (\S+?)\.", slow[0])
+        return f"vmap has no batching rule for {op.group(1) if op else 'an operator'}: it would loop per job"
     for j, i in enumerate(pair):
         alone = _fit([jobs[i]], [data[i]], [built[i]], divergence_ratio=float("inf"), device=device,
                      probes=False, keep_params=True, vectorize=False, steps=1)

@@ -39,7 +39,8 @@ def train_plain(job: Job, *, record: bool = True) -> tuple[list[float], nn.Modul
     for t in range(job.steps):
         idx = schedule[t]
         opt.zero_grad()
-        out = model(mlp_rows(data.x_train[idx]))
+        x = data.x_train[idx]
+        out = model(mlp_rows(x) if job.arch == "mlp" else x)  # the MLP reads flat rows
         loss = loss_per_job(out.unsqueeze(0), data.y_train[idx].unsqueeze(0), data.classes)[0]
         loss.backward()
         losses.append(loss.item())
