@@ -40,7 +40,7 @@ class BundleOutput:
     val_acc: np.ndarray  # (n_log, K); NaN for regression
     grad_norm: np.ndarray  # (n_log, K) norm of the whole gradient
     rows: list[TraceRow]  # what each trace row describes (the same for every job of a bundle)
-    row_stats: np.ndarray  # (n_log, K, len(rows), len(STATS)), float64
+    row_stats: np.ndarray  # (n_log, K, len(rows), len(STATS)), float32 (stacked) or float64 (functional)
     diverged_at: np.ndarray  # (K,) step of divergence, -1 if never
     init_loss: np.ndarray  # (K,) loss at step 0 (the divergence reference)
     null_loss: np.ndarray  # (K,) training loss of the best input-independent predictor (TaskData.null_loss)

@@ -150,7 +150,7 @@ def train(jobs: list[Job], *, divergence_ratio: float = 10.0, device: str = "cpu
     final = ([[stored(p[k]).cpu().clone() for p in params] for k in range(K)]  # back to (out, in)
              if keep_params else [])
     rows, picks = trace_rows(ref.depth)
-    stats = layer_stats.cpu().numpy().astype(np.float64)
+    stats = layer_stats.cpu().numpy()  # float32, as the metrics have always read it
     return BundleOutput(log_steps=log_steps, losses=losses.cpu().numpy(), val_loss=val_loss.cpu().numpy(),
                         val_acc=val_acc.cpu().numpy(), grad_norm=grad_norm.cpu().numpy(), rows=rows,
                         row_stats=stats.reshape(n_log, K, -1, len(STATS))[:, :, picks],
