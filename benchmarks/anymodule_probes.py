@@ -13,6 +13,7 @@ import torch
 
 from bench import spec
 from bench.train import functional
+from bench.train.bundle import build_model
 
 torch.set_num_threads(1)
 text = textwrap.dedent("""
@@ -31,7 +32,6 @@ batch_size = 64
 log_every = 10
 """)
 jobs = spec.parse(text).jobs()
-from bench.train.bundle import build_model
 
 m = build_model(jobs[0], __import__("bench.train.tasks", fromlist=["x"]).load(jobs[0].task, jobs[0].task_params, 0))
 print("modules in catalog:", len(functional.catalog(m)) + sum(1 for n, _ in m.named_modules() if functional.BLOCK.fullmatch(n)))
