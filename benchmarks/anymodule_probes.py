@@ -5,6 +5,7 @@ K = 8 jobs, 40 steps, probes every 10; the median over 3 interleaved rounds of t
 probes over training without them, in one process. Measured 2026-11-30 on the shared 2-core
 machine while other work ran: 10.9 %.
 """
+
 import textwrap
 import time
 
@@ -12,11 +13,10 @@ import numpy as np
 import torch
 
 from bench import spec
-from bench.train import functional
+from bench.train import functional, tasks
 from bench.train.bundle import build_model
 
-torch.set_num_threads(1)
-text = textwrap.dedent("""
+SPEC = textwrap.dedent("""
 [grid]
 init = ["default"]
 seed = [0, 1, 2, 3, 4, 5, 6, 7]
@@ -31,13 +31,24 @@ steps = 40
 batch_size = 64
 log_every = 10
 """)
-jobs = spec.parse(text).jobs()
 
-m = build_model(jobs[0], __import__("bench.train.tasks", fromlist=["x"]).load(jobs[0].task, jobs[0].task_params, 0))
-print("modules in catalog:", len(functional.catalog(m)) + sum(1 for n, _ in m.named_modules() if functional.BLOCK.fullmatch(n)))
-times = {True: [], False: []}
-for r in range(3):
-    for probes in (False, True):
-        t = time.perf_counter(); functional.train(jobs, probes=probes, vectorize=True); times[probes].append(time.perf_counter() - t)
-on, off = np.median(times[True]), np.median(times[False])
-print(f"probes on {on:.2f}s off {off:.2f}s: probe cost {100 * (on / off - 1):.1f}% of training time (log_every 10, K=8)")
+
+def main() -> None:
+    torch.set_num_threads(1)
+    jobs = spec.parse(SPEC).jobs()
+    model = build_model(jobs[0], tasks.load(jobs[0].task, jobs[0].task_params, 0))
+    blocks = sum(1 for n, _ in model.named_modules() if functional.BLOCK.fullmatch(n))
+    print("modules in catalog:", len(functional.catalog(model)) + blocks)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(3):
+        for probes in (False, True):
+            start = time.perf_counter()
+            functional.train(jobs, probes=probes, vectorize=True)
+            times[probes].append(time.perf_counter() - start)
+    on, off = np.median(times[True]), np.median(times[False])
+    print(f"probes on {on:.2f}s off {off:.2f}s: probe cost {100 * (on / off - 1):.1f}% of training time "
+          "(log_every 10, K=8)")
+
+
+if __name__ == "__main__":
+    main()
