@@ -472,12 +472,15 @@ def fixup_training(results) -> pd.DataFrame:
 
 
 def fixup_table(results) -> pd.DataFrame:
-    """Per (task, init): which learning rates trained, the final loss at each (diverged: '-')."""
+    """Per (task, init): the initial loss and, per learning rate, the final train loss, or '- (s)' for a
+    run that diverged at step s (one seed per cell, as the shipped sweep)."""
     runs = results.runs
-    loss = runs.assign(cell=np.where(runs["status"] == "ok", runs["final_loss"], np.nan))
-    table = loss.pivot_table(index=["task", "init"], columns="lr", values="cell", aggfunc="mean",
-                             dropna=False)
+    cell = [format(float(loss), ".3g") if status == "ok" else f"- ({int(at)})" if pd.notna(at) else "-"
+            for status, loss, at in zip(runs["status"], runs["final_loss"], runs["diverged_at"])]
+    table = runs.assign(cell=cell).pivot_table(index=["task", "init"], columns="lr", values="cell",
+                                               aggfunc="first")
     table.columns = [f"lr={c:g}" for c in table.columns]
+    table.insert(0, "initial_loss", runs.groupby(["task", "init"])["initial_loss"].mean())
     return table.reset_index()
 
 
