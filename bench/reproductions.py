@@ -373,6 +373,250 @@ def blog_figure(results, path: Path) -> Path:
     return _save(fig, path)
 
 
+# --- residual streams at step 0 (fixup, resnet_bn, gpt2) ----------------------------
+def _stream_input(layers: pd.DataFrame, arch: str) -> pd.Series:
+    """Per job, the variance of the residual stream's input at step 0 (what block 0 reads).
+
+    resmlp: the ``stem``'s output; transformer: token plus position embeddings (independent,
+    so their variances add); resnet: the stem's ReLU (module ``act``).
+    """
+    name = layers["layer"].astype(str)
+    if arch == "transformer":
+        rows = layers[name.isin(["tok", "pos"]) & (layers["param"] == "output")]
+    elif arch == "resnet":
+        rows = layers[(name == "act") & (layers["param"] == "act")]
+    else:
+        rows = layers[(name == "stem") & (layers["param"] == "output")]
+    return (rows["std"].astype(float) ** 2).groupby(rows["job_id"], observed=True).sum().rename("var_in")
+
+
+def stream_profile(results) -> pd.DataFrame:
+    """Step 0, per job and block count l = 0..depth: Var(stream after l blocks) / Var(stream input).
+
+    The stream after block i is the ``output`` row of module ``blocks.i`` (l = i + 1); l = 0 is
+    the input itself (ratio 1). Columns: job_id, the sweep's settings, l, var, var_in, var_ratio.
+    """
+    layers = results.layers[results.layers["step"] == 0]
+    runs = results.runs.drop(columns=["error"], errors="ignore")
+    frames = []
+    for arch, jobs in runs.groupby("arch"):
+        mine = layers[layers["job_id"].isin(jobs["job_id"])]
+        var_in = _stream_input(mine, arch)
+        name = mine["layer"].astype(str)
+        rows = mine[name.str.fullmatch(r"blocks\.\d+") & (mine["param"] == "output")]
+        out = pd.DataFrame({"job_id": rows["job_id"].astype(str).to_numpy(),
+                            "l": rows["layer"].astype(str).str.split(".").str[1].astype(int).to_numpy() + 1,
+                            "var": rows["std"].astype(float).to_numpy() ** 2})
+        start = pd.DataFrame({"job_id": var_in.index.astype(str), "l": 0, "var": var_in.to_numpy()})
+        out = pd.concat([start, out], ignore_index=True)
+        out["var_in"] = out["job_id"].map(dict(zip(var_in.index.astype(str), var_in.to_numpy())))
+        frames.append(out)
+    out = pd.concat(frames, ignore_index=True)
+    out["var_ratio"] = out["var"] / out["var_in"]
+    runs = runs.assign(job_id=runs["job_id"].astype(str))
+    return out.merge(runs, on="job_id").sort_values(["job_id", "l"]).reset_index(drop=True)
+
+
+def _at_blocks(profile: pd.DataFrame, by: list[str], ls: Sequence[int]) -> pd.DataFrame:
+    """Mean var_ratio over seeds at the block counts ``ls`` (those the nets have), one column per l."""
+    rows = profile[profile["l"].isin(ls)]
+    table = rows.pivot_table(index=by, columns="l", values="var_ratio", aggfunc="mean")
+    table.columns = [f"l={c}" for c in table.columns]
+    return table.reset_index()
+
+
+def _profile_figure(profile: pd.DataFrame, hue: str, style: str | None, title: str, path: Path,
+                    predictions: dict[str, pd.DataFrame] | None = None) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    keys = [hue] + ([style] if style else [])
+    mean = profile.groupby(keys + ["l"], observed=True)["var_ratio"].mean().reset_index()
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", ":", "-."]
+    hues = list(dict.fromkeys(mean[hue]))
+    stys = list(dict.fromkeys(mean[style])) if style else [None]
+    for (key, group) in mean.groupby(keys, observed=True, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        label = " ".join(f"{k}" for k in key)
+        ax.plot(group["l"], group["var_ratio"], styles[stys.index(key[1]) % 4] if style else "-",
+                color=colors[hues.index(key[0]) % len(colors)], marker=".", markersize=3, label=label)
+    for label, pred in (predictions or {}).items():
+        ax.plot(pred["l"], pred["var_ratio"], color="black", lw=0.8, ls="--", label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("blocks l")
+    ax.set_ylabel("Var(stream after l blocks) / Var(stream input), step 0")
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# --- Fixup / SkipInit / zero-init on a deep residual MLP without norm ------------------
+def fixup_step0(results) -> pd.DataFrame:
+    """Per (task, init): Var ratio at step 0 after 1, 2, 8, 32 and all blocks, and its per-block growth
+    (geometric mean of Var(x_l) / Var(x_{l-1}) over the net)."""
+    profile = stream_profile(results)
+    depth = int(results.runs["depth"].max())
+    table = _at_blocks(profile, ["task", "init"], [1, 2, 8, 32, depth])
+    last = profile[profile["l"] == profile["depth"]].groupby(["task", "init"])["var_ratio"].mean()
+    table["per_block"] = [float(last.loc[(t, i)]) ** (1.0 / depth)
+                          for t, i in zip(table["task"], table["init"])]
+    return table
+
+
+def fixup_training(results) -> pd.DataFrame:
+    """Per (task, init, lr): status (ok/diverged), step of divergence, final train loss, val accuracy."""
+    runs = results.runs
+    cols = ["task", "init", "lr", "status", "diverged_at", "initial_loss", "final_loss", "final_val_acc"]
+    return runs[[c for c in cols if c in runs]].sort_values(["task", "init", "lr"]).reset_index(drop=True)
+
+
+def fixup_table(results) -> pd.DataFrame:
+    """Per (task, init): the initial loss and, per learning rate, the final train loss, or '- (s)' for a
+    run that diverged at step s (one seed per cell, as the shipped sweep)."""
+    runs = results.runs
+    cell = [format(float(loss), ".3g") if status == "ok" else f"- ({int(at)})" if pd.notna(at) else "-"
+            for status, loss, at in zip(runs["status"], runs["final_loss"], runs["diverged_at"])]
+    table = runs.assign(cell=cell).pivot_table(index=["task", "init"], columns="lr", values="cell",
+                                               aggfunc="first")
+    table.columns = [f"lr={c:g}" for c in table.columns]
+    table.insert(0, "initial_loss", runs.groupby(["task", "init"])["initial_loss"].mean())
+    return table.reset_index()
+
+
+def fixup_figure(results, path: Path) -> Path:
+    runs = results.runs
+    first = runs.sort_values(["task", "lr"]).iloc[0]
+    profile = stream_profile(results)
+    profile = profile[(profile["task"] == first["task"]) & (profile["lr"] == first["lr"])]
+    return _profile_figure(profile, "init", None,
+                           f"resmlp, {int(first['depth'])} blocks of width {int(first['width'])}, no norm: "
+                           f"step 0 ({first['task']})", path)
+
+
+# --- BatchNorm in the branch ------------------------------------------------------
+def bn_table(results) -> pd.DataFrame:
+    """Per init: mean Var ratio at l = 1, 2, 4, 8, 16, 32, 64 blocks (step 0), He's prediction
+    1 + 2 l / Var(x_0) (each BN-fed branch adds gain^2 = 2), final train loss and val accuracy."""
+    profile = stream_profile(results)
+    table = _at_blocks(profile, ["init"], [1, 2, 4, 8, 16, 32, 64])
+    var_in = profile.groupby("init")["var_in"].mean()
+    table.insert(1, "var_in", table["init"].map(var_in))
+    runs = results.runs.groupby("init")
+    table["seeds"] = table["init"].map(runs["seed"].count())
+    table["final_loss"] = table["init"].map(runs["final_loss"].mean())
+    table["val_acc"] = table["init"].map(runs["final_val_acc"].mean())
+    return table
+
+
+def bn_prediction(results, l_max: int) -> pd.DataFrame:
+    """He init with BN feeding each branch: Var(x_l) / Var(x_0) = 1 + 2 l / Var(x_0)."""
+    profile = stream_profile(results)
+    var_in = float(profile.loc[profile["init"] == "kaiming_normal", "var_in"].mean())
+    ls = np.arange(l_max + 1)
+    return pd.DataFrame({"l": ls, "var_ratio": 1 + 2 * ls / var_in})
+
+
+def bn_figure(results, path: Path) -> Path:
+    profile = stream_profile(results)
+    run = results.runs.iloc[0]
+    pred = bn_prediction(results, int(profile["l"].max()))
+    return _profile_figure(profile, "init", None,
+                           f"resmlp + BatchNorm in the branch, {int(run['depth'])} blocks of width "
+                           f"{int(run['width'])}, step 0 (mean over seeds)", path,
+                           {"1 + 2 l / Var(x0)": pred})
+
+
+# --- GPT-2's scaled residual init ---------------------------------------------------
+def gpt2_table(results) -> pd.DataFrame:
+    """Per (init, depth): step-0 Var(stream after the last block) / Var(embeddings) (mean, min, max
+    over seeds), final train and val loss (mean), and the task's loss floor."""
+    profile = stream_profile(results)
+    last = profile[profile["l"] == profile["depth"]]
+    table = last.groupby(["init", "depth"]).agg(seeds=("seed", "count"), var_ratio_last=("var_ratio", "mean"),
+                                                min=("var_ratio", "min"), max=("var_ratio", "max"))
+    runs = results.runs.groupby(["init", "depth"])
+    table["initial_loss"] = runs["initial_loss"].mean()
+    table["final_loss"] = runs["final_loss"].mean()
+    table["final_val_loss"] = runs["final_val_loss"].mean()
+    table["final_val_loss_sd"] = runs["final_val_loss"].std()
+    table["loss_floor"] = _loss_floor(results.runs.iloc[0])
+    return table.reset_index()
+
+
+def _loss_floor(run: pd.Series) -> float:
+    from bench.train import tasks
+
+    params = tuple(sorted((k[5:], v.item() if hasattr(v, "item") else v) for k, v in run.items()
+                          if k.startswith("task.") and pd.notna(v)))
+    floor = tasks.load(run["task"], params, int(run["seed"])).loss_floor
+    return float("nan") if floor is None else float(floor)
+
+
+def gpt2_figure(results, path: Path) -> Path:
+    profile = stream_profile(results)
+    run = results.runs.iloc[0]
+    return _profile_figure(profile.assign(depth=profile["depth"].map(lambda d: f"L={d}")), "init", "depth",
+                           f"pre-LN transformer, width {int(run['width'])}, on markov: step 0 "
+                           "(mean over seeds)", path)
+
+
+# --- init schemes on a plain CNN ---------------------------------------------------
+def _cnn_scheme(runs: pd.DataFrame) -> pd.Series:
+    mode = runs["init.mode"] if "init.mode" in runs else pd.Series(np.nan, index=runs.index)
+    return runs["init"] + np.where(mode.notna(), "(" + mode.astype(str) + ")", "")
+
+
+def cnn_profile(results) -> pd.DataFrame:
+    """Step 0, per job and conv layer k = 1..depth: the second moment of the conv's output (pre-ReLU)."""
+    layers = results.layers
+    name = layers["layer"].astype(str)
+    rows = layers[(layers["step"] == 0) & name.str.fullmatch(r"convs\.\d+") & (layers["param"] == "output")]
+    runs = results.runs.assign(scheme=_cnn_scheme(results.runs))
+    out = pd.DataFrame({"job_id": rows["job_id"].astype(str).to_numpy(),
+                        "k": name[rows.index].str.split(".").str[1].astype(int).to_numpy() + 1,
+                        "q": (rows["std"].astype(float) ** 2 + rows["mean"].astype(float) ** 2).to_numpy()})
+    runs = runs.assign(job_id=runs["job_id"].astype(str))[["job_id", "scheme", "seed"]]
+    return out.merge(runs, on="job_id")
+
+
+def cnn_table(results) -> pd.DataFrame:
+    """Per scheme: step-0 second moment of the first and last conv's output and their ratio (mean over
+    seeds); training: runs that learned (val acc > 0.3), val accuracy mean / max, final train loss."""
+    prof = cnn_profile(results)
+    depth = int(prof["k"].max())
+    q = prof.pivot_table(index="scheme", columns="k", values="q", aggfunc="mean")
+    ratio = prof.pivot_table(index=["scheme", "seed"], columns="k", values="q")
+    ratio = (ratio[depth] / ratio[1]).groupby("scheme").apply(lambda s: float(np.exp(np.log(s).mean())))
+    runs = results.runs.assign(scheme=_cnn_scheme(results.runs)).groupby("scheme")
+    table = pd.DataFrame({"q_first": q[1], "q_last": q[depth], "last/first": ratio,
+                          "per_layer": ratio ** (1.0 / (depth - 1)),
+                          "seeds": runs["seed"].count(),
+                          "learned": runs["final_val_acc"].apply(lambda a: int((a > 0.3).sum())),
+                          "val_acc_mean": runs["final_val_acc"].mean(),
+                          "val_acc_max": runs["final_val_acc"].max(),
+                          "final_loss": runs["final_loss"].mean()})
+    return table.rename_axis("scheme").reset_index()
+
+
+def cnn_figure(results, path: Path) -> Path:
+    plt = _pyplot()
+    prof = cnn_profile(results)
+    run = results.runs.iloc[0]
+    mean = prof.groupby(["scheme", "k"])["q"].mean().reset_index()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for scheme, group in mean.groupby("scheme"):
+        ax.plot(group["k"], group["q"], marker=".", label=scheme)
+    ax.set_yscale("log")
+    ax.set_xlabel("conv layer")
+    ax.set_ylabel("second moment of the conv output, step 0")
+    ax.legend(fontsize=7)
+    ax.set_title(f"plain ReLU CNN, {int(run['depth'])} convs of {int(run['width'])} channels, 8x8 digits "
+                 "(mean over seeds)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 # --- the command --------------------------------------------------------------------
 REPRODUCTIONS: dict[str, tuple[Callable, Callable]] = {
     "he2015": (he_table, he_figure),
@@ -380,6 +624,10 @@ REPRODUCTIONS: dict[str, tuple[Callable, Callable]] = {
     "edge_of_chaos": (lambda r: eoc_grid(r).reset_index(), eoc_figure),
     "saxe2013": (saxe_table, saxe_figure),
     "blog": (blog_table, blog_figure),
+    "fixup": (fixup_table, fixup_figure),
+    "resnet_bn": (bn_table, bn_figure),
+    "gpt2": (gpt2_table, gpt2_figure),
+    "cnn": (cnn_table, cnn_figure),
 }
 
 
