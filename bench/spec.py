@@ -296,10 +296,15 @@ def _parse(raw: dict[str, Any], where: str, text: str) -> Spec:
             if own:
                 raise UserError(f"[model] {own[0]}: the built-in mlp takes no setting {own[0]!r}")
             continue
-        if (job.arch, own) not in seen_factories:
-            seen_factories.add((job.arch, own))
-            models.factory_settings(job.arch, {"depth": job.depth, "width": job.width,
-                                               "activation": job.activation, **dict(job.model_params)}, own)
+        if (job.arch, own, job.init, job.init_params) not in seen_factories:
+            seen_factories.add((job.arch, own, job.init, job.init_params))
+            kwargs = models.factory_settings(job.arch, {"depth": job.depth, "width": job.width,
+                                                        "activation": job.activation,
+                                                        **dict(job.model_params)}, own)
+            if dict(job.init_params).get("gain") == "activation" and "activation" not in kwargs:
+                raise UserError(f"[init_params.{job.init}] gain: {job.arch} takes no activation setting, "
+                                f"so init {job.init!r} has no activation gain to use; give one: "
+                                f"[init_params.{job.init}] gain = <number> (e.g. 1.414 for relu)")
     checked = set()
     for job in jobs:  # a rule that matches nothing is a typo: fail now, for the shapes known here
         # A user factory's names are known only when it is built: its engine checks them there.

@@ -294,6 +294,12 @@ def test_factory_settings_are_checked_before_training(tmp_path):
         spec.parse(textwrap.dedent(bad))
     with pytest.raises(UserError, match="unknown key \\[model\\] 'norm'"):
         spec.parse(textwrap.dedent(CNN.replace('arch = "cnn"', 'arch = "mlp"')))
+    kaiming = USER.replace('"orthogonal"', '"kaiming_normal"')
+    with pytest.raises(UserError, match=r"\[init_params.kaiming_normal\] gain: usernets:build takes no "
+                                        r"activation setting.*gain = <number>"):
+        spec.parse(textwrap.dedent(kaiming))
+    given = kaiming + '[init_params.kaiming_normal]\ngain = 1.414\n'
+    assert len(jobs_of(given)) == 4
     axis = USER.replace("channels = 4", "").replace("seed = [0, 1]", 'seed = [0]\n"model.channels" = [2, 4]')
     jobs = jobs_of(axis)
     assert sorted(j.settings()["model.channels"] for j in jobs) == [2, 2, 4, 4]
