@@ -617,6 +617,62 @@ def cnn_figure(results, path: Path) -> Path:
     return _save(fig, path)
 
 
+# --- the muP coordinate check ---------------------------------------------------------
+def coord_sizes(results) -> pd.DataFrame:
+    """Each module output's coordinate size sqrt(mean^2 + std^2) (the RMS of its entries) per init,
+    width, step and module, averaged over seeds: what mup's ``get_coord_data`` records (it uses
+    mean |x|; the RMS differs from it by a constant factor for a given distribution)."""
+    layers = results.layers[results.layers["param"].isin(["output", "act"])]
+    runs = results.runs[["job_id", "init", "width"]]
+    data = layers.merge(runs, on="job_id")
+    data = data.assign(size=np.sqrt(data["mean"].astype(float) ** 2 + data["std"].astype(float) ** 2),
+                       module=data["layer"].astype(str))
+    return data.groupby(["init", "step", "module", "width"], observed=True)["size"].mean().reset_index()
+
+
+def coord_table(results) -> pd.DataFrame:
+    """Per init, step and module: the log-log slope of coordinate size against width (0: flat in width,
+    as muP promises; > 0: grows with width), fitted over the widths of the sweep."""
+    sizes = coord_sizes(results)
+    rows = []
+    for (init, step, module), group in sizes.groupby(["init", "step", "module"]):
+        ok = group[(group["size"] > 0) & np.isfinite(group["size"])]
+        if len(ok) >= 2:
+            slope = float(np.polyfit(np.log(ok["width"]), np.log(ok["size"]), 1)[0])
+            rows.append({"init": init, "step": int(step), "module": module, "slope": slope,
+                         "grows": slope > COORD_SLOPE_MAX})
+    return pd.DataFrame(rows)
+
+
+COORD_SLOPE_MAX = 0.25  # a module whose coordinates grow faster than width^0.25 is flagged
+
+
+def coord_figure(results, path: Path) -> Path:
+    plt = _pyplot()
+    sizes = coord_sizes(results)
+    inits, steps = sorted(sizes["init"].unique()), sorted(sizes["step"].unique())
+    fig, axes = plt.subplots(len(inits), len(steps), figsize=(3.2 * len(steps), 3.0 * len(inits)),
+                             squeeze=False, sharex=True)
+    for i, init in enumerate(inits):
+        for j, step in enumerate(steps):
+            ax = axes[i, j]
+            cell = sizes[(sizes["init"] == init) & (sizes["step"] == step)]
+            for k, (module, group) in enumerate(cell.groupby("module")):
+                ax.plot(group["width"], group["size"], marker=".", lw=1, label=module,
+                        color=plt.cm.tab20(k % 20))  # one colour per module: more than tab10 holds
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{init}, step {step}", fontsize=9)
+            if i == len(inits) - 1:
+                ax.set_xlabel("width")
+            if j == 0:
+                ax.set_ylabel("coordinate size (RMS)")
+    axes[0, -1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle("coordinate check (mup's): each module's output size against width", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 # --- the command --------------------------------------------------------------------
 REPRODUCTIONS: dict[str, tuple[Callable, Callable]] = {
     "he2015": (he_table, he_figure),
@@ -628,6 +684,7 @@ REPRODUCTIONS: dict[str, tuple[Callable, Callable]] = {
     "resnet_bn": (bn_table, bn_figure),
     "gpt2": (gpt2_table, gpt2_figure),
     "cnn": (cnn_table, cnn_figure),
+    "mup_coord": (coord_table, coord_figure),
 }
 
 

@@ -75,8 +75,11 @@ def build_model(job: Job, data: tasks.TaskData) -> nn.Module:
                            **dict(job.model_params)}, [k for k, _ in job.model_params])
             model = models.build(job.arch, data.in_shape, data.out_dim, settings)
             # A factory that takes no activation setting has no single known nonlinearity.
+            rebuild = (lambda width, s=settings: models.build(job.arch, data.in_shape, data.out_dim,
+                                                              {**s, "width": width})) \
+                if "width" in settings else None
             ctx = inits.InitContext(activation=settings.get("activation"), params=dict(job.init_params),
-                                    data=data.x_train[first])
+                                    data=data.x_train[first], rebuild=rebuild)
         inits.apply(model, job.init, ctx, job.init_bias, job.init_rules)
     return model
 

@@ -32,7 +32,7 @@ from torch.func import functional_call, vmap
 
 from bench.job import Job
 from bench.schema import STATS
-from bench.train import activations, tasks
+from bench.train import activations, residual_inits, tasks
 from bench.train.bundle import BundleOutput, TraceRow, build_model, loss_per_job
 from bench.train.optim import FlatOptimizer
 from bench.train.probes import catalog, distinct_frac, stats
@@ -159,7 +159,7 @@ def _fit(jobs: list[Job], data: list[tasks.TaskData], built: list[nn.Module], *,
     steps = ref.steps if steps is None else steps
     dev = torch.device(device)
     bundle = _Bundle(built, dev)
-    opt = FlatOptimizer(jobs, bundle.flat)
+    opt = FlatOptimizer(jobs, bundle.flat, _lr_scale(jobs, built, bundle))
     classes = data[0].classes
     first = tasks.batch_schedule(ref.seed, len(data[0].x_train), ref.batch_size, 0)[0]
     order = forward_order(built[0], data[0].x_train[first])
@@ -276,6 +276,20 @@ def _fit(jobs: list[Job], data: list[tasks.TaskData], built: list[nn.Module], *,
                         row_stats=row_stats.cpu().numpy(), modules=cat, diverged_at=diverged_at,
                         init_loss=init_loss.cpu().numpy(), input_q=input_q.cpu().numpy(),
                         null_loss=np.array([d.null_loss for d in data]), dims=None, final_params=final)
+
+
+def _lr_scale(jobs: list[Job], built: list[nn.Module], bundle: _Bundle) -> torch.Tensor | None:
+    """(K, P) per-parameter learning-rate multipliers, for jobs whose scheme sets them (muP); else None."""
+    if not any(hasattr(m, "mup_base_shapes") for m in built):
+        return None
+    rows = []
+    for job, model in zip(jobs, built):
+        mult = (residual_inits.mup_lr_multipliers(model, base_shapes=model.mup_base_shapes,
+                                                  optimizer=job.optimizer)
+                if hasattr(model, "mup_base_shapes") else {})
+        rows.append(torch.cat([torch.full((a_b[1] - a_b[0],), float(mult.get(n, 1.0)))
+                               for n, a_b in zip(bundle.names, bundle.offsets)]))
+    return torch.stack(rows)
 
 
 def _probe(out: torch.Tensor, grad_norm: torch.Tensor, bundle: _Bundle, captured: dict,

@@ -72,6 +72,9 @@ class InitContext:
     # How to run the model on ``data`` (its return value is not used: LSUV reads each module's
     # output through forward hooks). None: ``model(data)``.
     forward: Callable[[nn.Module, torch.Tensor], Any] | None = None
+    # Builds the same architecture at another width (``rebuild(width=...)``), for schemes that compare
+    # widths (muP's base shapes); None for the MLP.
+    rebuild: Callable[..., nn.Module] | None = None
     scheme: str = ""  # the scheme being applied, for messages (set by apply)
 
 
@@ -344,6 +347,25 @@ for _name in ("zero_residual", "fixup", "skipinit", "rezero", "gpt2"):
     _entry = residual_inits.RESIDUAL_INITS[_name]
     INITS[_name] = Scheme(_residual(_name), dict(_entry.params), named=False,
                           doc=(_entry.apply.__doc__ or "").strip().splitlines()[0])
+
+
+def _mup(model: nn.Module, ctx: InitContext) -> None:
+    """muP (Yang et al. 2021; microsoft/mup): base shapes from the model rebuilt at ``base_width`` and
+    twice that, then ``residual_inits.mup_``. The base shapes stay on the model (``mup_base_shapes``):
+    the engines read each parameter's learning-rate multiplier from them (``mup_lr_multipliers``)."""
+    if ctx.rebuild is None:
+        raise UserError("init 'mup' needs an architecture whose width can change (a built-in such as "
+                        "resmlp or transformer, or a factory taking 'width'), not the MLP")
+    params = dict(ctx.params)
+    base_width = int(params.pop("base_width"))
+    shapes = residual_inits.width_shapes(lambda in_shape, out_dim, width, **kw: ctx.rebuild(width=width),
+                                         None, None, base_width=base_width)
+    residual_inits.mup_(model, base_shapes=shapes, activation=ctx.activation or "relu", **params)
+    model.mup_base_shapes = shapes
+
+
+INITS["mup"] = Scheme(_mup, {"base_width": 32, **residual_inits.RESIDUAL_INITS["mup"].params}, named=False,
+                      doc="maximal-update parametrization (with its per-parameter learning rates)")
 
 
 def scheme(name: str) -> Scheme:

@@ -24,7 +24,8 @@ class FlatOptimizer:
     implementations step for step.
     """
 
-    def __init__(self, jobs: list[Job], flat: torch.Tensor):
+    def __init__(self, jobs: list[Job], flat: torch.Tensor, lr_scale: torch.Tensor | None = None):
+        """``lr_scale`` (K, P): per-parameter learning-rate multipliers (muP's), 1 where None."""
         dev = flat.device
 
         def column(values: list[float]) -> torch.Tensor:  # (K, 1): broadcasts over a job's row
@@ -33,6 +34,8 @@ class FlatOptimizer:
         self.kind = jobs[0].optimizer
         self.flat = flat
         self.lr = column([j.lr for j in jobs])
+        if lr_scale is not None:  # a learning rate per job and parameter: (K, P), not (K, 1)
+            self.lr = self.lr * lr_scale.to(device=dev, dtype=flat.dtype)
         self.wd = column([j.weight_decay for j in jobs])
         self.momentum = column([j.momentum for j in jobs])
         self.b1 = column([j.betas[0] for j in jobs])
