@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "regress": ("bench.regress", "compare a sweep against a stored baseline (exit 1 on a regression)"),
     "audit": ("bench.audit", "fingerprint what PyTorch's layer constructors draw"),
     "export": ("bench.export.__main__", "write a results store to TensorBoard or MLflow"),
+    "advise": ("bench.advise", "which init for a network: a step-0 screen, a budgeted sweep, a ranking"),
 }
 
 

@@ -32,14 +32,14 @@ LAYERS = {
     "train": ["bench.train"],
     "spec": ["bench.spec"],
     "results": ["bench.dispatch", "bench.record", "bench.metrics", "bench.store"],
-    "library": ["bench.report", "bench.verdict", "bench.baseline", "bench.runner", "bench.export",
+    "library": ["bench.report", "bench.verdict", "bench.baseline", "bench.runner", "bench.export", "bench.advice",
                 "bench.plot", "bench.reproductions", "bench.tutorial", "bench.audit"],
     "commands": ["bench.sweep", "bench.regress", "bench.report.__main__", "bench.export.__main__",
-                 "bench.__main__"],
+                 "bench.__main__", "bench.advise"],
 }
 ORDER = list(LAYERS)
 # Modules that are also commands (they define main(argv)) but whose library half others import.
-COMMANDS = {"bench.sweep", "bench.regress", "bench.report.__main__", "bench.export.__main__",
+COMMANDS = {"bench.sweep", "bench.regress", "bench.report.__main__", "bench.export.__main__", "bench.advise",
             "bench.__main__", "bench.audit", "bench.tutorial", "bench.reproductions"}
 
 

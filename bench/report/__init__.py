@@ -47,9 +47,11 @@ def render(results, directory: Path) -> str:
 
     grid = timed("prepare", prepare, results.runs, results.meta)
     regression = tables.regression(directory)
-    sections = SECTIONS[:1] + ((("regression", "Regression"),) if regression else ()) + SECTIONS[1:]
+    advice = tables.advice(directory)
+    sections = (SECTIONS[:1] + ((("advice", "Advice"),) if advice else ())
+                + ((("regression", "Regression"),) if regression else ()) + SECTIONS[1:])
     context = {"sections": sections, "header": tables.header(grid, results.meta),
-               "colors": grid.colors, "regression": regression}
+               "colors": grid.colors, "regression": regression, "advice": advice}
     if grid.runs.empty:
         context["empty"] = "no data: the store holds no jobs yet"
         context["failures"] = ""

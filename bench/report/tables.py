@@ -140,6 +140,22 @@ def seeds_needed(grid: Grid) -> str:
 
 
 # --- regression -----------------------------------------------------------------------
+def advice(directory: Path) -> dict[str, Any] | None:
+    """bench.advise's screen, ranking and paragraph (``DIR/advice.json``), or None if absent."""
+    path = Path(directory) / "advice.json"
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        return {"paragraph": f"advice.json is unreadable ({err})", "screen": "", "ranking": ""}
+    screen = pd.DataFrame(doc.get("screen", []))
+    ranking = pd.DataFrame(doc.get("ranking", []))
+    return {"paragraph": str(doc.get("advice", "(the sweep is still running)")),
+            "screen": html(screen) if len(screen) else "",
+            "ranking": html(ranking.drop(columns=["good_lrs"], errors="ignore")) if len(ranking) else ""}
+
+
 def regression(directory: Path) -> dict[str, Any] | None:
     """The regression check's verdict (``DIR/regression.json`` from bench.regress), or None if absent.
 
