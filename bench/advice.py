@@ -49,7 +49,7 @@ SCREEN_FLAGS = (
     "diverged",
 )
 PROFILE_TOLERANCE = 0.05  # a scheme "does as well" at a learning rate within 5 % of the best loss there
-MIN_STEPS, MAX_STEPS = 20, 2000
+MIN_STEPS, MAX_STEPS = 20, 10000
 
 
 @dataclass(frozen=True)
@@ -219,18 +219,19 @@ def screen(req: Request, schemes: Sequence[str], seeds: int = 3) -> tuple[pd.Dat
 def _step_time(req: Request, schemes: Sequence[str], n_lrs: int, seeds: int) -> tuple[float, float]:
     """(fixed seconds, seconds per step) of a sweep of ``len(schemes) x n_lrs x seeds`` jobs.
 
-    Two short runs, of 5 and 25 steps: their difference is the cost of the steps alone, the rest
-    is what any run pays once (building models, loading data, starting the engine).
+    Two short runs, of 10 and 60 steps: their difference is the cost of the steps alone, the rest
+    is what any run pays once (building models, loading data, starting the engine). For a model so
+    small that timing noise swamps 50 steps, a step is taken to cost at least a quarter of the
+    longer run's average.
     """
     lo, hi = LR_RANGE[req.optimizer]
     lrs, seed_list = np.geomspace(lo, hi, n_lrs), list(range(seeds))
     took = {}
-    for steps in (5, 25):
-        _, took[steps] = _run(
-            spec_text(req, "advise-timing", schemes, lrs, seed_list, steps, steps), req.out / "timing"
-        )
-    step_s = max((took[25] - took[5]) / 20, 1e-6)
-    return max(took[5] - 5 * step_s, 0.0), step_s
+    for steps in (10, 60):
+        text = spec_text(req, "advise-timing", schemes, lrs, seed_list, steps, steps)
+        _, took[steps] = _run(text, req.out / "timing")
+    step_s = max((took[60] - took[10]) / 50, 0.25 * took[60] / 60)
+    return max(took[10] - 10 * step_s, 0.0), step_s
 
 
 def plan(req: Request, schemes: Sequence[str], remaining_s: float) -> tuple[list[float], int, float, float]:

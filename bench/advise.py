@@ -94,6 +94,7 @@ def _main(argv: Sequence[str] | None) -> int:
         seeds=args.seeds,
         batch_size=args.batch_size,
         out=out,
+        fresh=args.fresh,
     )
     result = advice.advise(req)
     shown = result.screen[

@@ -57,9 +57,10 @@ def test_advise_writes_its_evidence_and_a_spec_the_user_can_rerun(shallow):
 
 
 def test_the_budget_is_spent_not_exceeded(shallow):
-    """Within the budget (+20 %): the timing runs and the screen are counted in it."""
+    """Within the budget by +-20 % (the issue's bound; the lower side a little wider for a noisy machine):
+    the applicability check, the screen and the timing runs are counted in it."""
     req, result = shallow
-    assert result.timing["total_s"] <= 1.2 * req.budget_s
+    assert 0.7 * req.budget_s <= result.timing["total_s"] <= 1.2 * req.budget_s, result.timing
 
 
 def _runs(losses: dict[str, list[float]], lr: float = 0.01) -> pd.DataFrame:
