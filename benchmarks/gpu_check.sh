@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The benchmark suite on a CUDA GPU, as one prepared run (expected 3-5 minutes on an H200; every
-# step has its own time limit so the whole stays under 10 minutes).
+# The benchmark suite on a CUDA GPU, as one prepared run (expected 4-6 minutes on an H200; every
+# step has its own time limit so the whole stays under 10 minutes: 210 + 240 + 120 s).
 #
 #   bash benchmarks/gpu_check.sh            # results under $OUT, or reports/gpu-check/ if OUT is unset
 #   PYTHON=/path/to/python bash benchmarks/gpu_check.sh
@@ -11,6 +11,9 @@
 # 2. The pytest-benchmark suite with --bench-device cuda --bench-full: throughput on the
 #    canonical shapes, the speed-up over the classic loop, probe overhead, FLOP/s vs matmul.
 #    (Dispatch and the end-to-end process benchmarks are CPU-side: not run here.)
+# 3. test_anymodule.py with --bench-device cuda: any-module bundles (residual MLP, CNN, transformer;
+#    K = 1, 8, 32) through functional.train vs the same jobs one at a time in the classic loop on
+#    the GPU; the table of it in anymodule_cuda.md.
 #
 # Needs: a python with CUDA torch, pandas, pyarrow, joblib, scikit-learn, pytest, pytest-benchmark
 # (initbench itself is imported from this checkout through PYTHONPATH; nothing is installed;
@@ -67,6 +70,12 @@ step bundle_scan 210 "$PYTHON" benchmarks/bundle_scan.py --device cuda --steps 3
 step pytest_cuda 240 "$PYTHON" -m pytest benchmarks -o addopts="" -p no:cacheprovider -q \
     --bench-device cuda --bench-full -k "(throughput or speedup or probe or flops) and not end_to_end" \
     --benchmark-json "$OUT/pytest_cuda.json" --benchmark-columns=median,iqr,rounds
+step anymodule_cuda 120 "$PYTHON" -m pytest benchmarks/test_anymodule.py -o addopts="" -p no:cacheprovider -q \
+    --bench-device cuda --benchmark-json "$OUT/anymodule_cuda.json" --benchmark-columns=median,rounds
+if [[ -s "$OUT/anymodule_cuda.json" ]]; then
+    "$PYTHON" -m benchmarks.test_anymodule "$OUT/anymodule_cuda.json" >"$OUT/anymodule_cuda.md" 2>&1
+    tee -a "$LOG" <"$OUT/anymodule_cuda.md"
+fi
 
 say "done: $failed step(s) failed; results in $OUT"
 exit "$failed"
