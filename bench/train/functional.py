@@ -370,6 +370,10 @@ def train(jobs: list[Job], *, divergence_ratio: float = 10.0, device: str = "cpu
     data = [tasks.load(j.task, j.task_params, j.seed) for j in jobs]
     built = [build_model(j, d) for j, d in zip(jobs, data)]
     reason = ""
+    if vectorize is None and len(jobs) == 1:
+        # A bundle of one gains nothing from vmap (0.4-0.6x the plain loop's speed, docs/performance.md)
+        # and would pay the preflight's three one-step fits on top.
+        vectorize, reason = False, "a bundle of one job"
     if vectorize is None:
         reason = preflight(jobs, data, built, device=device) or ""
         vectorize = not reason
