@@ -26,7 +26,7 @@ def shallow(tmp_path_factory):
         task="teacher",
         model_settings=(("depth", 2), ("width", 16)),
         task_settings=(("n_train", 256),),
-        budget_s=12.0,
+        budget_s=8.0,
         seeds=3,
         out=out,
     )
