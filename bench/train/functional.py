@@ -75,7 +75,6 @@ def _output_stats(t: torch.Tensor, act: bool) -> torch.Tensor:
     t = t.detach()
     if not torch.is_floating_point(t):
         return torch.full((len(STATS),), float("nan"))
-    row = torch.full((len(STATS),), float("nan"), dtype=t.dtype)
     flat = t.flatten()
     n = flat.numel()
     mean = flat.mean()
@@ -187,7 +186,6 @@ def _fit(jobs: list[Job], data: list[tasks.TaskData], built: list[nn.Module], *,
     order_rows = sorted(range(len(rows)), key=lambda i: (rows[i].index, i))
     rows = [rows[i] for i in order_rows]
     where = {(r.module, r.param): i for i, r in enumerate(rows)}
-    n_params = len(bundle.names)
 
     x_train = torch.stack([d.x_train for d in data]).to(dev)
     y_train = torch.stack([d.y_train for d in data]).to(dev)
@@ -268,7 +266,6 @@ def _fit(jobs: list[Job], data: list[tasks.TaskData], built: list[nn.Module], *,
     finally:
         if rng is not None:
             rng.__exit__(None, None, None)
-    del n_params
     final = ([[bundle.views[n][k].detach().cpu().clone() for n in bundle.names] for k in range(K)]
              if keep_params else [])
     return BundleOutput(log_steps=log_steps, losses=losses.cpu().numpy(), val_loss=val_loss.cpu().numpy(),
