@@ -50,6 +50,7 @@ SCREEN_FLAGS = (
 )
 PROFILE_TOLERANCE = 0.05  # a scheme "does as well" at a learning rate within 5 % of the best loss there
 MIN_STEPS, MAX_STEPS = 20, 10000
+MAX_SEEDS = 10  # beyond MAX_STEPS a budget buys seeds, up to this many
 
 
 @dataclass(frozen=True)
@@ -428,7 +429,14 @@ def advise(req: Request) -> Advice:
         # less its own fixed cost and 10 % for the report and the ranking.
         lrs, seeds, step_s, fixed = plan(req, survivors, 0.85 * remaining)
         remaining = req.budget_s - (time.perf_counter() - start)
-        steps = max(MIN_STEPS, min(MAX_STEPS, int((0.9 * remaining - fixed) / max(step_s, 1e-9))))
+        affordable = int((0.9 * remaining - fixed) / max(step_s, 1e-9))
+        if affordable > MAX_STEPS and seeds < MAX_SEEDS:
+            # A small model: time left beyond MAX_STEPS buys more seeds (narrower intervals), whose
+            # cost grows with them (the step time is per bundle of all seeds).
+            more = min(MAX_SEEDS, int(seeds * affordable / MAX_STEPS))
+            step_s, seeds = step_s * more / seeds, more
+            affordable = int((0.9 * remaining - fixed) / max(step_s, 1e-9))
+        steps = max(MIN_STEPS, min(MAX_STEPS, affordable))
         log_every = max(1, steps // 20)
         text = spec_text(req, "advise", survivors, lrs, list(range(seeds)), steps, log_every)
         write_atomic(spec_path, text)
