@@ -217,22 +217,34 @@ def screen(req: Request, schemes: Sequence[str], seeds: int = 3) -> tuple[pd.Dat
     return pd.DataFrame(rows), took
 
 
+PROBES = 20  # the budgeted sweep logs (and probes) about this many times, whatever its steps
+
+
 def _step_time(req: Request, schemes: Sequence[str], n_lrs: int, seeds: int) -> tuple[float, float]:
     """(fixed seconds, seconds per step) of a sweep of ``len(schemes) x n_lrs x seeds`` jobs.
 
-    Two short runs, of 10 and 60 steps: their difference is the cost of the steps alone, the rest
-    is what any run pays once (building models, loading data, starting the engine). For a model so
-    small that timing noise swamps 50 steps, a step is taken to cost at least a quarter of the
-    longer run's average.
+    Three short runs: 10 steps and 10 + n steps probed only at their ends give the cost of n
+    plain steps (their difference) and what any run pays once (building models, loading data,
+    starting workers); 10 steps probed at every step give the cost of a probe, of which the
+    budgeted sweep pays ``PROBES``: those are counted in the fixed seconds. n is 50, fewer (down
+    to 10) when the first run says 50 more steps would take over a tenth of the budget. For a
+    model so small that timing noise swamps the difference, a step is taken to cost at least a
+    quarter of the longer run's average.
     """
     lo, hi = LR_RANGE[req.optimizer]
     lrs, seed_list = np.geomspace(lo, hi, n_lrs), list(range(seeds))
-    took = {}
-    for steps in (10, 60):
-        text = spec_text(req, "advise-timing", schemes, lrs, seed_list, steps, steps)
-        _, took[steps] = _run(text, req.out / "timing")
-    step_s = max((took[60] - took[10]) / 50, 0.25 * took[60] / 60)
-    return max(took[10] - 10 * step_s, 0.0), step_s
+
+    def timed(steps: int, log_every: int) -> float:
+        text = spec_text(req, "advise-timing", schemes, lrs, seed_list, steps, log_every)
+        return _run(text, req.out / "timing")[1]
+
+    first = timed(10, 10)
+    extra = int(min(50, max(10, 0.1 * req.budget_s / max(first / 10, 1e-6))))
+    second = timed(10 + extra, 10 + extra)
+    probed = timed(10, 1)
+    step_s = max((second - first) / extra, 0.25 * second / (10 + extra))
+    probe_s = max((probed - first) / 9, 0.0)  # 11 probes against 2
+    return max(first - 10 * step_s, 0.0) + PROBES * probe_s, step_s
 
 
 def plan(req: Request, schemes: Sequence[str], remaining_s: float) -> tuple[list[float], int, float, float]:
@@ -437,7 +449,7 @@ def advise(req: Request) -> Advice:
             step_s, seeds = step_s * more / seeds, more
             affordable = int((0.9 * remaining - fixed) / max(step_s, 1e-9))
         steps = max(MIN_STEPS, min(MAX_STEPS, affordable))
-        log_every = max(1, steps // 20)
+        log_every = max(1, steps // PROBES)
         text = spec_text(req, "advise", survivors, lrs, list(range(seeds)), steps, log_every)
         write_atomic(spec_path, text)
     screen_json = req.out / "advice.json"
@@ -452,6 +464,16 @@ def advise(req: Request) -> Advice:
     runs = load(req.out, traces=False).runs
     ranking, facts = rank(runs)
     recommended, margin, caveats, paragraph = conclude(ranking, facts, table, seeds)
+    before = sweep_start - start
+    if before > 0.4 * req.budget_s:
+        # The screen, the applicability check and the timing runs have costs of their own (models
+        # built, worker processes started) that a small budget cannot shrink: say what they took.
+        tight = (
+            f"the budget is tight: checks, screen and timing took {before:.0f} of {req.budget_s:.0f} s, "
+            f"leaving {steps} steps for the sweep"
+        )
+        caveats.append(tight)
+        paragraph = paragraph.rstrip(".") + ("; " if "Caveats:" in paragraph else ". Caveats: ") + tight + "."
     best_lrs = [float(x) for x in (ranking.iloc[0]["good_lrs"] if len(ranking) else [])]
     advice = Advice(
         table,
