@@ -92,6 +92,26 @@ def mlp_rows(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).float()
 
 
+def logged_steps(steps: int, log_every: int) -> np.ndarray:
+    """The steps at which an engine probes and validates: 0, every ``log_every``, and the last."""
+    return np.array(sorted({*range(0, steps + 1, log_every), steps}))
+
+
+def mark_divergence(loss: torch.Tensor, init_loss: torch.Tensor, active: torch.Tensor,
+                    diverged_at: np.ndarray, t: int, ratio: float) -> torch.Tensor:
+    """The jobs that diverge at step ``t`` (K,): non-finite loss, or above ``ratio`` x the step-0 loss.
+
+    Updates ``active`` (they stop) and ``diverged_at`` (their step) in place. Checked every step:
+    a CPU-GPU sync point, cheap next to a step.
+    """
+    bad = active & ~(torch.isfinite(loss) & (loss <= ratio * init_loss))
+    if bool(bad.any()):
+        for k in torch.nonzero(bad).flatten().tolist():
+            diverged_at[k] = t
+        active &= ~bad
+    return bad
+
+
 def loss_per_job(out: torch.Tensor, y: torch.Tensor, classes: int | None) -> torch.Tensor:
     """Mean loss of each job over its batch, shape (K,).
 

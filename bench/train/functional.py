@@ -33,7 +33,14 @@ from torch.func import functional_call, vmap
 from bench.job import Job
 from bench.schema import STATS
 from bench.train import activations, residual_inits, tasks
-from bench.train.bundle import BundleOutput, TraceRow, build_model, loss_per_job
+from bench.train.bundle import (
+    BundleOutput,
+    TraceRow,
+    build_model,
+    logged_steps,
+    loss_per_job,
+    mark_divergence,
+)
 from bench.train.optim import FlatOptimizer
 from bench.train.probes import catalog, distinct_frac, stats
 
@@ -193,8 +200,11 @@ def _fit(jobs: list[Job], data: list[tasks.TaskData], built: list[nn.Module], *,
     y_val = torch.stack([d.y_val for d in data]).to(dev)
     n = x_train.shape[1]
     schedule = torch.stack([tasks.batch_schedule(j.seed, n, j.batch_size, steps) for j in jobs], 1).to(dev)
+    # Every step's batch as row numbers into the (K * n, ...) data: one index_select per step.
+    schedule += n * torch.arange(K, device=dev)[:, None]
+    x_rows, y_rows = x_train.flatten(0, 1), y_train.flatten(0, 1)
 
-    log_steps = np.array(sorted({*range(0, steps + 1, L), steps}))
+    log_steps = logged_steps(steps, L)
     n_log = len(log_steps)
     losses = torch.full((steps + 1, K), float("nan"), device=dev)
     val_loss = torch.full((n_log, K), float("nan"), device=dev)
@@ -214,20 +224,16 @@ def _fit(jobs: list[Job], data: list[tasks.TaskData], built: list[nn.Module], *,
         for t in range(steps + 1):
             logged = li < n_log and log_steps[li] == t
             probing = probes and logged
-            idx = schedule[t]
-            x = torch.stack([x_train[k, idx[k]] for k in range(K)])
-            y = torch.stack([y_train[k, idx[k]] for k in range(K)])
+            idx = schedule[t].flatten()
+            x = x_rows.index_select(0, idx).view(K, -1, *x_rows.shape[1:])
+            y = y_rows.index_select(0, idx).view(K, -1, *y_rows.shape[1:])
             bundle.base.train()
             out, captured = _call(bundle, x, probed if probing else None, acts, vectorize)
             loss = loss_per_job(out, y, classes)
             if t == 0:
                 init_loss = loss.detach().clone()
                 input_q = x.float().pow(2).flatten(1).mean(1) if torch.is_floating_point(x) else input_q
-            bad = active & ~(torch.isfinite(loss) & (loss <= divergence_ratio * init_loss))
-            if bool(bad.any()):
-                for k in torch.nonzero(bad).flatten().tolist():
-                    diverged_at[k] = t
-                active &= ~bad
+            bad = mark_divergence(loss, init_loss, active, diverged_at, t, divergence_ratio)
             losses[t] = torch.where(active | bad, loss.detach(), torch.full_like(loss, float("nan")))
             for v in bundle.views.values():
                 v.grad = None

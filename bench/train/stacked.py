@@ -21,7 +21,15 @@ import torch
 from bench.job import Job
 from bench.schema import KINDS, STATS
 from bench.train import activations, models, tasks
-from bench.train.bundle import BundleOutput, TraceRow, build_model, loss_per_job, mlp_rows
+from bench.train.bundle import (
+    BundleOutput,
+    TraceRow,
+    build_model,
+    logged_steps,
+    loss_per_job,
+    mark_divergence,
+    mlp_rows,
+)
 from bench.train.optim import FlatOptimizer
 from bench.train.probes import catalog, probe
 
@@ -86,7 +94,7 @@ def train(jobs: list[Job], *, divergence_ratio: float = 10.0, device: str = "cpu
                 record.append((z, h if i < ref.depth - 1 else None))
         return h
 
-    log_steps = np.array(sorted({*range(0, steps + 1, L), steps}))
+    log_steps = logged_steps(steps, L)
     n_log = len(log_steps)
     losses = torch.full((steps + 1, K), float("nan"), device=dev)
     val_loss = torch.full((n_log, K), float("nan"), device=dev)
@@ -109,12 +117,7 @@ def train(jobs: list[Job], *, divergence_ratio: float = 10.0, device: str = "cpu
         if t == 0:
             init_loss = loss.detach().clone()
             input_q = x.pow(2).mean(dim=(1, 2))
-        # Divergence is checked every step (a CPU-GPU sync point, cheap next to a step).
-        bad = active & ~(torch.isfinite(loss) & (loss <= divergence_ratio * init_loss))
-        if bool(bad.any()):
-            for k in torch.nonzero(bad).flatten().tolist():
-                diverged_at[k] = t
-            active &= ~bad
+        bad = mark_divergence(loss, init_loss, active, diverged_at, t, divergence_ratio)
         losses[t] = torch.where(active | bad, loss.detach(), torch.full_like(loss, float("nan")))
         for p in params:
             p.grad = None
