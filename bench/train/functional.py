@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import re
+import time
 import warnings
 from collections.abc import Callable
 
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.job import Job
 from bench.schema import STATS
@@ -48,6 +50,7 @@ BLOCK = re.compile(r"(.*\.)?blocks\.\d+$")  # residual blocks: the stream after 
 ACTIVATION_TYPES = tuple({type(a.module()) for a in activations.ACTIVATIONS.values()} - {nn.Identity}) + (
     nn.SiLU, nn.Softplus, nn.ELU, nn.Mish, nn.Hardtanh, nn.ReLU6, nn.PReLU)
 PREFLIGHT_RTOL = 1e-4  # one step of the bundle must match the plain loop this closely
+PREFLIGHT_STEPS = 3  # the preflight's fits: steps 1 .. 2 are warm training steps, timed
 
 
 class FallBack(Exception):
@@ -147,19 +150,31 @@ def _call(bundle: _Bundle, x: torch.Tensor, probe: list[str] | None, acts: set[s
                 h.remove()
         return out, captured
 
+    # Attention through PyTorch's math kernel, in both paths: the fused CPU kernel (flash
+    # attention) has no vmap batching rule, so vmap would run it job by job, while the math path is
+    # batched matmuls and a softmax (research/anymodule.md section 1: 1.1-1.5x faster under vmap).
+    # The loop uses the same kernel so that the preflight compares batching alone: with flash in the
+    # loop, Adam's first step turned the kernels' ~1e-7 differences in near-zero gradients into
+    # lr-sized differences, and every transformer bundle fell back.
     if vectorize:
-        return vmap(one, in_dims=(0, 0, 0), randomness="error")(bundle.views, bundle.buffers, x)
+        with sdpa_kernel(SDPBackend.MATH):
+            return vmap(one, in_dims=(0, 0, 0), randomness="error")(bundle.views, bundle.buffers, x)
     # The loop: job 0 alone (a bundle of one), called directly; its outputs and stats get K = 1.
     params = {n: v[0] for n, v in bundle.views.items()}
     buffers = {n: b[0] for n, b in bundle.buffers.items()}
-    out, captured = one(params, buffers, x[0])
+    with sdpa_kernel(SDPBackend.MATH):
+        out, captured = one(params, buffers, x[0])
     return out.unsqueeze(0), {n: s.unsqueeze(0) for n, s in captured.items()}
 
 
 def _fit(jobs: list[Job], data: list[tasks.TaskData], built: list[nn.Module], *, divergence_ratio: float,
          device: str, probes: bool, keep_params: bool, vectorize: bool,
-         steps: int | None = None) -> BundleOutput:
-    """Train a bundle (``vectorize``) or a single job (not) for ``steps`` (default: the jobs' own)."""
+         steps: int | None = None, clock: list[float] | None = None) -> BundleOutput:
+    """Train a bundle (``vectorize``) or a single job (not) for ``steps`` (default: the jobs' own).
+
+    ``clock``, when given, receives the wall time (s) at which each step ``t`` = 0 .. steps ends
+    (after the device finished it), for the preflight's timing.
+    """
     ref = jobs[0]
     K, L = len(jobs), ref.log_every
     steps = ref.steps if steps is None else steps
@@ -267,6 +282,10 @@ def _fit(jobs: list[Job], data: list[tasks.TaskData], built: list[nn.Module], *,
                                   STATS.index("update_ratio")] = \
                             (delta[:, a:b].norm(dim=1) / before[:, a:b].norm(dim=1)).double()
             li += int(logged)
+            if clock is not None:
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                clock.append(time.perf_counter())
             if not bool(active.any()):
                 break
     finally:
@@ -325,36 +344,50 @@ def _probe(out: torch.Tensor, grad_norm: torch.Tensor, bundle: _Bundle, captured
 
 
 def preflight(jobs: list[Job], data: list[tasks.TaskData], built: list[nn.Module], *,
-              device: str = "cpu") -> str | None:
-    """Why the bundle cannot be vectorized exactly, or None when it can.
+              device: str = "cpu", timed: bool = True) -> str | None:
+    """Why the bundle should train its jobs one at a time, or None when vmap is exact and no slower.
 
-    One step of two of the jobs through ``vmap`` and through the per-job loop: a raise (vmap
-    cannot batch the module: ``.item()``, data-dependent control flow, random draws), or losses
-    or updated parameters that differ by more than ``PREFLIGHT_RTOL``, is a reason to fall back.
+    One step of the whole bundle through ``vmap`` and of two of its jobs alone through the per-job
+    loop. Reasons to fall back, in order: vmap raises (it cannot batch the module: ``.item()``,
+    data-dependent control flow, random draws); vmap has no batching rule for an operator (it
+    would run it job by job, with its own overhead on top); the two jobs' losses or updated
+    parameters differ by more than ``PREFLIGHT_RTOL``; or the loop is faster. Speed is compared
+    on the fit's second iteration (the loss after the update, its backward and the validation
+    pass: the first pays one-time costs): the bundle's time against K times the faster of the
+    two lone jobs' times, both from this one call, so the machine's load at that moment weighs
+    on both. ``timed=False`` checks exactness only.
     """
-    pair = list(range(min(2, len(jobs))))
+    bundle_clock: list[float] = []
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            together = _fit([jobs[i] for i in pair], [data[i] for i in pair], [built[i] for i in pair],
-                            divergence_ratio=float("inf"), device=device, probes=False, keep_params=True,
-                            vectorize=True, steps=1)
+            together = _fit(jobs, data, built, divergence_ratio=float("inf"), device=device, probes=False,
+                            keep_params=True, vectorize=True, steps=1, clock=bundle_clock)
     except Exception as err:  # noqa: BLE001 - any failure of the vectorized path is a reason
         return f"vmap raised {type(err).__name__}: {str(err).splitlines()[0][:200]}"
     slow = [str(w.message) for w in caught if "not yet implemented the batching rule" in str(w.message)]
     if slow:  # vmap would run that operator job by job anyway, with its own overhead on top
         op = re.search(r"batching rule for (\S+?)\.", slow[0])
         return f"vmap has no batching rule for {op.group(1) if op else 'an operator'}: it would loop per job"
-    for j, i in enumerate(pair):
+    alone_step = float("inf")
+    for i in range(min(2, len(jobs))):
+        clock: list[float] = []
         alone = _fit([jobs[i]], [data[i]], [built[i]], divergence_ratio=float("inf"), device=device,
-                     probes=False, keep_params=True, vectorize=False, steps=1)
-        a, b = together.losses[:2, j], alone.losses[:2, 0]
+                     probes=False, keep_params=True, vectorize=False, steps=1, clock=clock)
+        alone_step = min(alone_step, clock[1] - clock[0]) if len(clock) == 2 else alone_step
+        a, b = together.losses[:2, i], alone.losses[:2, 0]
         if not np.allclose(a, b, rtol=PREFLIGHT_RTOL, atol=1e-7, equal_nan=True):
             worst = np.nanmax(np.abs(a - b) / np.abs(b))
             return f"vmap's losses differ from the plain loop's (max rel {worst:.1e})"
-        for p, q in zip(together.final_params[j], alone.final_params[0]):
+        for p, q in zip(together.final_params[i], alone.final_params[0]):
             if not torch.allclose(p, q, rtol=PREFLIGHT_RTOL, atol=1e-6, equal_nan=True):
                 return "vmap's updated parameters differ from the plain loop's"
+    # A bundle whose jobs all diverged at step 0 stopped its clock early: nothing to compare.
+    if timed and len(bundle_clock) == 2 and np.isfinite(alone_step):
+        bundle_step, loop_step = bundle_clock[1] - bundle_clock[0], len(jobs) * alone_step
+        if loop_step < bundle_step:
+            return (f"the per-job loop was faster in the preflight ({len(jobs)} jobs one at a time: "
+                    f"{loop_step * 1e3:.1f} ms a step; as one vmap bundle: {bundle_step * 1e3:.1f} ms)")
     return None
 
 
@@ -375,7 +408,7 @@ def train(jobs: list[Job], *, divergence_ratio: float = 10.0, device: str = "cpu
     reason = ""
     if vectorize is None and len(jobs) == 1:
         # A bundle of one gains nothing from vmap (0.4-0.6x the plain loop's speed, docs/performance.md)
-        # and would pay the preflight's three one-step fits on top.
+        # and would pay the preflight's one-step fits on top.
         vectorize, reason = False, "a bundle of one job"
     if vectorize is None:
         reason = preflight(jobs, data, built, device=device) or ""
