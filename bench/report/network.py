@@ -1,4 +1,11 @@
-"""Figures from the per-layer probes: signal propagation at init, and parameter trajectories."""
+"""Figures from the per-layer probes: signal propagation at init, parameter trajectories, and the
+coordinate check along a width axis.
+
+A model with more than :data:`MANY_MODULES` probed modules (a 64-block transformer has over 500)
+and residual blocks (``blocks.<i>``, see bench.train.architectures) is drawn per block: the
+residual stream after each block and each block's total, with the per-module numbers in a table
+folded under the figure. Smaller models are drawn per module.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
+from bench.report import coord
 from bench.report.figures import (
     LINESTYLES,
     Figure,
@@ -19,9 +27,13 @@ from bench.report.figures import (
     to_uri,
 )
 from bench.report.grid import Grid, fmt, match, quartiles
+from bench.report.tables import html
 from bench.report.training import curve_cells
 
 INDEX_LABEL = "module index (forward order, 0 = first)"
+BLOCK_LABEL = "residual block (forward order, 0 = first)"
+MANY_MODULES = 40  # above this many modules, per-module lines are unreadable: draw per block
+LEGEND_MODULES = 20  # up to this many lines get a legend entry each; more are coloured by position
 
 
 def _deepest(grid: Grid, runs: pd.DataFrame) -> tuple[pd.DataFrame, str]:
@@ -64,28 +76,15 @@ def propagation_figure(grid: Grid, layers: pd.DataFrame) -> Figure:
     data = step0[step0["param"].isin(["act", "weight"])].merge(runs[["job_id", "scheme"]], on="job_id")
     if data.empty:
         return Figure(title, empty="no data: no step-0 layer statistics for the selected runs")
+    if _per_block(step0):
+        return _block_propagation(grid, step0.merge(runs[["job_id", "scheme"]], on="job_id"), note)
     theory = step0[step0["param"] == "preact"].merge(runs[["job_id", "scheme"]], on="job_id")
     with style():
         fig, axes = plt.subplots(1, 3, figsize=(15, 4), layout="constrained")
         _theory_panel(axes[2], grid, theory)
         for ax, (param, stat, name, ylabel) in zip(axes[:2], panels, strict=True):
-            d = data[data["param"] == param]
-            agg = quartiles(d, ["scheme", "index"], stat)
-            floor = positive_floor(agg[["median", "low", "high"]].to_numpy())
-            for col in ("median", "low", "high"):
-                agg[col] = agg[col].clip(lower=floor)
-            for i, scheme in enumerate(grid.schemes):
-                a = agg[agg["scheme"] == scheme]
-                if a.empty:
-                    continue
-                color = grid.colors[scheme]
-                ax.plot(a["index"], a["median"], marker="o", ms=4, lw=2, color=color,
-                        ls=LINESTYLES[i % len(LINESTYLES)], label=text(scheme))
-                ax.fill_between(a["index"], a["low"], a["high"], color=color, alpha=0.15, lw=0)
-            _log_axis(ax, agg["median"].to_numpy(), floor)
+            _median_panel(ax, grid, data[data["param"] == param], "index", stat)
             ax.set(title=name, xlabel=INDEX_LABEL, ylabel=f"{ylabel} (log scale)")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_xlim(-0.4, max(int(agg["index"].max()) if len(agg) else 0, 1) + 0.4)
         legend(fig, grid, present(grid, data["scheme"]), marker="o")
         fig.suptitle(title, fontweight="bold")
     caption = ("Step 0, before any update: left, the standard deviation of each hidden layer's output "
@@ -101,6 +100,74 @@ def propagation_figure(grid: Grid, layers: pd.DataFrame) -> Figure:
                "the forward pass (in an MLP, linear layer i is module 2i and its activation 2i + 1)."
                + note)
     return Figure(title, caption, to_uri(fig))
+
+
+def _median_panel(ax, grid: Grid, data: pd.DataFrame, x: str, stat: str) -> None:
+    """Per scheme, the median of ``stat`` over runs against ``x`` (log y), with an interquartile band."""
+    agg = quartiles(data, ["scheme", x], stat)
+    floor = positive_floor(agg[["median", "low", "high"]].to_numpy())
+    for col in ("median", "low", "high"):
+        agg[col] = agg[col].clip(lower=floor)
+    for i, scheme in enumerate(grid.schemes):
+        a = agg[agg["scheme"] == scheme]
+        if a.empty:
+            continue
+        color = grid.colors[scheme]
+        ax.plot(a[x], a["median"], marker="o", ms=4, lw=2, color=color,
+                ls=LINESTYLES[i % len(LINESTYLES)], label=text(scheme))
+        ax.fill_between(a[x], a["low"], a["high"], color=color, alpha=0.15, lw=0)
+    _log_axis(ax, agg["median"].to_numpy(), floor)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(-0.4, max(int(agg[x].max()) if len(agg) else 0, 1) + 0.4)
+
+
+def _per_block(step0: pd.DataFrame) -> bool:
+    """Too many modules for a line per module, and residual blocks to summarize them by."""
+    names = pd.Series(step0["layer"].unique()).astype(str)
+    return len(names) > MANY_MODULES and names.str.fullmatch(r"blocks\.\d+").any()
+
+
+def _block_propagation(grid: Grid, step0: pd.DataFrame, note: str) -> Figure:
+    """The propagation figure of a deep residual model: per block, not per module."""
+    title = "Signal propagation at initialization"
+    names = step0["layer"].astype(str)
+    step0 = step0.assign(block=coord.block_number(names).to_numpy())
+    stream = step0[(step0["param"] == "output") & names.str.fullmatch(r"blocks\.\d+").to_numpy()]
+    weights = step0[(step0["param"] == "weight") & step0["block"].notna()]
+    # A block's gradient norm is the norm of all its weights' gradients together: sqrt of the sum of squares.
+    squares = weights.assign(sq=weights["grad_norm"].astype(float) ** 2)
+    grads = squares.groupby(["job_id", "scheme", "block"], observed=True)["sq"].sum(min_count=1)
+    grads = np.sqrt(grads).rename("grad_norm").reset_index()
+    panels = ((stream, "std", "residual stream std after each block", "std of the block's output"),
+              (grads, "grad_norm", "weight-gradient norm per block", "norm of the block's weight gradients"))
+    with style():
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+        for ax, (data, stat, name, ylabel) in zip(axes, panels, strict=True):
+            _median_panel(ax, grid, data, "block", stat)
+            ax.set(title=name, xlabel=BLOCK_LABEL, ylabel=f"{ylabel} (log scale)")
+        legend(fig, grid, present(grid, step0["scheme"]), marker="o")
+        fig.suptitle(title, fontweight="bold")
+    n = step0["layer"].nunique()
+    caption = (f"Step 0, before any update, drawn per residual block: the model has {n} probed modules, "
+               "too many for a line each. Left, the standard deviation of the residual stream after each "
+               "block (the output of blocks.i); right, the norm of each block's weight gradients on the "
+               "first batch (all its weights together). A well-scaled init keeps both flat across blocks; "
+               "an upward slope in the stream is the variance every branch adds. Lines are medians over "
+               "all runs of the cell, bands their interquartile range. Modules outside the blocks "
+               "(embeddings, final norm, head) and the per-module numbers are in the table below." + note)
+    return Figure(title, caption, to_uri(fig), details=_module_table(step0),
+                  details_summary=f"Per-module numbers at step 0 ({n} modules, medians over runs)")
+
+
+def _module_table(step0: pd.DataFrame) -> str:
+    """Per module in forward order and per scheme: output std and weight-gradient norm at step 0."""
+    keys = ["index", "layer", "scheme"]
+    out = step0[step0["param"].isin(["output", "act"])].groupby(keys, observed=True)["std"].median()
+    grad = step0[step0["param"] == "weight"].groupby(keys, observed=True)["grad_norm"].median()
+    table = pd.concat({"output std": out, "weight-gradient norm": grad}, axis=1).unstack("scheme")
+    table.columns = [f"{scheme}: {what}" for what, scheme in table.columns]
+    table = table.map(lambda v: "—" if not np.isfinite(v) else f"{v:.3g}")
+    return html(table.reset_index().rename(columns={"layer": "module"}))
 
 
 def _theory_panel(ax, grid: Grid, preact: pd.DataFrame) -> None:
