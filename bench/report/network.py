@@ -250,3 +250,93 @@ def trajectory_figure(grid: Grid, layers: pd.DataFrame) -> Figure:
                "line style the layer. Growing norms point to exploding weights; a std stuck at zero to "
                "symmetry that never breaks (as with zeros init)." + note)
     return Figure(title, caption, to_uri(fig))
+
+
+# --- the coordinate check along a width axis ------------------------------------------
+def coord_section(grid: Grid, layers: pd.DataFrame) -> dict | None:
+    """The coordinate check of a sweep with a width axis (None without one, or with a single width).
+
+    Returns the figure (one row of panels per scheme, one panel per early logged step, a line per
+    module), ``summary`` (HTML: per scheme, the modules whose size grows with width), ``flags``
+    (the flagged schemes' rows of it, for the pathologies section) and ``modules`` (HTML: per
+    scheme and module, the slope at each step and the flag), folded unless the model is small.
+    """
+    if "width" not in grid.axes or len(grid.values["width"]) < 2:
+        return None
+    title = "Coordinate check: module output size against width"
+    runs = grid.runs[grid.runs["status"] != "failed"]
+    mask, note = grid.along("width")
+    runs = runs[mask.loc[runs.index]]
+    probes = layers[layers["param"].isin(["output", "act"])]
+    sized = coord.sizes(probes[probes["job_id"].isin(runs["job_id"])], runs, "scheme")
+    empty = {"summary": "", "flags": [], "modules": "", "open": False, "n_modules": 0}
+    if sized.empty:
+        return {**empty, "figure": Figure(title, empty="no data: no job recorded module outputs")}
+    steps = coord.first_steps(sized)
+    sized = sized[sized["step"].isin(steps)]
+    rank = {s: i for i, s in enumerate(grid.schemes)}
+    sized = sized.sort_values(["scheme", "step", "index", "width"], key=lambda c: c.map(rank) if
+                              c.name == "scheme" else c, kind="stable")
+    slopes = coord.slopes(sized, "scheme")
+    if slopes.empty:
+        return {**empty, "figure": Figure(title, empty="no data: fewer than two widths with finite sizes")}
+    many = sized["module"].nunique() > MANY_MODULES
+    shown = sized[coord.top_level(sized["module"]).to_numpy()] if many else sized
+    summary = coord.scheme_flags(slopes)
+    flagged = summary[summary["flag"] != ""]
+    fig = _coord_figure(grid, shown, steps)
+    which = ("the residual stream (blocks.i) and the modules outside the blocks; every module's slope is in "
+             "the table" if many else "every probed module")
+    caption = (f"The mup package's coordinate check: each module's output size (the RMS of its entries, "
+               f"mean over seeds) against width on log-log axes, at step 0 and the next logged steps; a line "
+               f"per module ({which}). A width-stable parametrization keeps every line flat; a line that "
+               f"rises grows with width (the table fits its log-log slope and flags it above "
+               f"{coord.SLOPE_MAX:g}, i.e. faster than width^{coord.SLOPE_MAX:g}). Under the standard "
+               "parametrization the output typically rises after one update, while step 0 is flat." + note)
+    summary_html = html(summary.assign(**{"max slope": summary["max slope"].map(lambda v: f"{v:+.2f}")}))
+    table = coord.wide(slopes)
+    table = table.assign(**{c: table[c].map(lambda v: "—" if not np.isfinite(v) else f"{v:+.2f}")
+                            for c in table.columns if c.startswith("slope")})
+    return {"figure": Figure(title, caption, fig), "summary": summary_html, "modules": html(table),
+            "open": not many, "flags": flagged.to_dict("records"),
+            "n_modules": int(slopes["module"].nunique())}
+
+
+def _coord_figure(grid: Grid, sized: pd.DataFrame, steps: list[int]) -> str:
+    schemes = present(grid, sized["scheme"])
+    modules = sized.drop_duplicates("module").sort_values("index")["module"].tolist()
+    widths = sorted(float(w) for w in sized["width"].unique())
+    many = len(modules) > LEGEND_MODULES
+    cmap = plt.cm.viridis if many else plt.cm.tab20  # many: colour says position, not name
+    colors = {m: cmap(i / max(len(modules) - 1, 1)) if many else cmap(i % 20) for i, m in enumerate(modules)}
+    with style():
+        size = (3.1 * len(steps) + 2.2, 2.8 * len(schemes))
+        fig, axes = plt.subplots(len(schemes), len(steps), figsize=size, squeeze=False, sharex=True,
+                                 layout="constrained")
+        for r, scheme in enumerate(schemes):
+            for c, step in enumerate(steps):
+                ax = axes[r, c]
+                cell = sized[(sized["scheme"] == scheme) & (sized["step"] == step)]
+                for module, group in cell.groupby("module", sort=False):
+                    y = group["size"].where(group["size"] > 0)  # a zero readout has no place on log axes
+                    ax.plot(group["width"], y, marker=".", lw=1.2, color=colors[module], label=text(module))
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                log_ticks(ax.yaxis)
+                ax.set_xticks(widths, [fmt(w) for w in widths])
+                ax.minorticks_off()
+                ax.set_title(f"{text(scheme)}, step {step}", fontsize=9.5)
+                if r == len(schemes) - 1:
+                    ax.set_xlabel("width (log scale)")
+                if c == 0:
+                    ax.set_ylabel("output RMS (log scale)")
+        if many:
+            bar = fig.colorbar(plt.cm.ScalarMappable(cmap=cmap), ax=axes, shrink=0.8, ticks=[0, 1])
+            bar.ax.set_yticklabels([text(modules[0]), text(modules[-1])])
+            bar.set_label("module, forward order")
+        else:
+            handles = [plt.Line2D([], [], color=colors[m], marker=".", lw=1.2, label=text(m))
+                       for m in modules]
+            fig.legend(handles=handles, loc="outside right upper", title="module", fontsize=8)
+        fig.suptitle("Coordinate check (mup's): each module's output size against width", fontweight="bold")
+    return to_uri(fig)
