@@ -293,13 +293,17 @@ def coord_section(grid: Grid, layers: pd.DataFrame) -> dict | None:
                f"rises grows with width (the table fits its log-log slope and flags it above "
                f"{coord.SLOPE_MAX:g}, i.e. faster than width^{coord.SLOPE_MAX:g}). Under the standard "
                "parametrization the output typically rises after one update, while step 0 is flat." + note)
-    summary_html = html(summary.assign(**{"max slope": summary["max slope"].map(lambda v: f"{v:+.2f}")}))
+    summary_html = html(summary.assign(**{"max slope": summary["max slope"].map(_slope)}))
     table = coord.wide(slopes)
-    table = table.assign(**{c: table[c].map(lambda v: "—" if not np.isfinite(v) else f"{v:+.2f}")
-                            for c in table.columns if c.startswith("slope")})
+    table = table.assign(**{c: table[c].map(_slope) for c in table.columns if c.startswith("slope")})
     return {"figure": Figure(title, caption, fig), "summary": summary_html, "modules": html(table),
             "open": not many, "flags": flagged.to_dict("records"),
             "n_modules": int(slopes["module"].nunique())}
+
+
+def _slope(value: float) -> str:
+    # + 0.0 turns the -0.0 of a rounded -1e-17 (a flat module's fit) into 0.0: "+0.00", not "-0.00"
+    return "—" if not np.isfinite(value) else f"{round(value, 2) + 0.0:+.2f}"
 
 
 def _coord_figure(grid: Grid, sized: pd.DataFrame, steps: list[int]) -> str:
