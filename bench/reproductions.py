@@ -23,6 +23,7 @@ import pandas as pd
 
 from bench import cli
 from bench.errors import EXIT_OK, UserError
+from bench.report import coord
 
 FIG_DPI = 100  # keeps every PNG well under 300 KB
 
@@ -619,32 +620,18 @@ def cnn_figure(results, path: Path) -> Path:
 
 # --- the muP coordinate check ---------------------------------------------------------
 def coord_sizes(results) -> pd.DataFrame:
-    """Each module output's coordinate size sqrt(mean^2 + std^2) (the RMS of its entries) per init,
-    width, step and module, averaged over seeds: what mup's ``get_coord_data`` records (it uses
-    mean |x|; the RMS differs from it by a constant factor for a given distribution)."""
-    layers = results.layers[results.layers["param"].isin(["output", "act"])]
-    runs = results.runs[["job_id", "init", "width"]]
-    data = layers.merge(runs, on="job_id")
-    data = data.assign(size=np.sqrt(data["mean"].astype(float) ** 2 + data["std"].astype(float) ** 2),
-                       module=data["layer"].astype(str))
-    return data.groupby(["init", "step", "module", "width"], observed=True)["size"].mean().reset_index()
+    """Each module output's coordinate size (RMS) per init, width, step and module, averaged over
+    seeds (``bench.report.coord.sizes``: the report's coordinate-check section reads it the same way)."""
+    return coord.sizes(results.layers, results.runs, "init")
 
 
 def coord_table(results) -> pd.DataFrame:
     """Per init, step and module: the log-log slope of coordinate size against width (0: flat in width,
     as muP promises; > 0: grows with width), fitted over the widths of the sweep."""
-    sizes = coord_sizes(results)
-    rows = []
-    for (init, step, module), group in sizes.groupby(["init", "step", "module"]):
-        ok = group[(group["size"] > 0) & np.isfinite(group["size"])]
-        if len(ok) >= 2:
-            slope = float(np.polyfit(np.log(ok["width"]), np.log(ok["size"]), 1)[0])
-            rows.append({"init": init, "step": int(step), "module": module, "slope": slope,
-                         "grows": slope > COORD_SLOPE_MAX})
-    return pd.DataFrame(rows)
+    return coord.slopes(coord_sizes(results), "init").drop(columns="index")
 
 
-COORD_SLOPE_MAX = 0.25  # a module whose coordinates grow faster than width^0.25 is flagged
+COORD_SLOPE_MAX = coord.SLOPE_MAX  # a module whose coordinates grow faster than width^0.25 is flagged
 
 
 def coord_figure(results, path: Path) -> Path:

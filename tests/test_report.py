@@ -313,3 +313,132 @@ def test_a_regression_check_gets_its_own_section(tmp_path):
     assert "final_loss +200% exceeds 10%" in section and "init=zeros" not in section
     assert "init=orthogonal depth=9" in section
     assert "<b>bold</b>" not in page and "&lt;b&gt;bold&lt;/b&gt;" in page
+
+
+# --- the coordinate check and deep models --------------------------------------------
+COORD = """
+name = "coord"
+[grid]
+init = ["kaiming_normal", "mup"]
+width = [16, 32, 64]
+seed = [0]
+[model]
+arch = "resmlp"
+depth = 2
+[init_params.mup]
+base_width = 16
+[task]
+name = "teacher"
+n_train = 128
+n_val = 32
+[train]
+optimizer = "adam"
+lr = 0.01
+steps = 2
+batch_size = 32
+log_every = 1
+"""
+# 5 pre-LN blocks of 8 probed modules each, plus tok, pos, ln_f and head: 44 modules (> MANY_MODULES).
+DEEP = """
+name = "deep"
+[grid]
+init = ["scaled_normal", "gpt2"]
+seed = [0]
+[model]
+arch = "transformer"
+depth = 5
+width = 16
+heads = 2
+[task]
+name = "markov"
+seq_len = 8
+[train]
+optimizer = "adam"
+lr = 0.003
+steps = 2
+batch_size = 8
+log_every = 1
+[init_params.scaled_normal]
+std = 0.02
+[init_params.gpt2]
+std = 0.02
+"""
+TITLE = re.compile(r'<img[^>]*\balt="([^"]+)"')
+
+
+def _section(page: str, section: str) -> str:
+    start = page.index(f'<section id="{section}">')
+    return page[start:page.index("</section>", start)]
+
+
+def _planted(widths=(16, 32, 64, 128), steps=(0, 1)) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Runs along width and probe rows whose sizes are planted: ``grows`` has RMS = width / 100 (slope
+    1), ``flat`` RMS 0.5 at every width (slope 0); two seeds each, the seeds' sizes differing by a
+    constant factor (which does not change a log-log slope)."""
+    runs, rows = [], []
+    for width in widths:
+        for seed in (0, 1):
+            job = f"w{width}s{seed}"
+            runs.append({"job_id": job, "init": "sp", "width": width, "seed": seed, "status": "ok",
+                         "steps_to_target": 1.0, "final_loss": 0.1})
+            for step in steps:
+                scale = 1 + seed
+                rows += [{"job_id": job, "step": step, "layer": "grows", "index": 0, "param": "output",
+                          "mean": 0.0, "std": scale * width / 100},
+                         {"job_id": job, "step": step, "layer": "flat", "index": 1, "param": "act",
+                          "mean": 0.3 * scale, "std": 0.4 * scale}]
+    return pd.DataFrame(runs), pd.DataFrame(rows)
+
+
+def test_coordinate_slopes_are_measured_on_planted_sizes():
+    from bench.report import coord, network
+    from bench.report.grid import prepare
+
+    runs, layers = _planted()
+    table = coord.slopes(coord.sizes(layers, runs), "init").set_index(["module", "step"])
+    assert np.allclose(table["slope"].xs("grows", level="module"), 1.0)
+    assert np.allclose(table["slope"].xs("flat", level="module"), 0.0, atol=1e-9)
+    assert table.xs("grows", level="module")["grows"].all()
+    assert not table.xs("flat", level="module")["grows"].any()
+
+    grid = prepare(runs, {"axes": ["init", "width", "seed"]})
+    section = network.coord_section(grid, layers)
+    assert [row["scheme"] for row in section["flags"]] == ["sp"]
+    assert section["flags"][0]["grow with width"] == 1 and section["flags"][0]["modules"] == 2
+    # columns: scheme, module, slope at step 0, at step 1, grows with width
+    rows = re.findall(r"<tr>(.*?)</tr>", section["modules"], re.S)
+    cells = [re.findall(r"<td>(.*?)</td>", row) for row in rows]
+    assert cells == [["sp", "grows", "+1.00", "+1.00", "yes"], ["sp", "flat", "+0.00", "+0.00", ""]]
+    assert section["figure"].uri.startswith("data:image/png;base64,")
+
+
+def test_a_sweep_along_width_gets_a_coordinate_check(tmp_path, small):
+    page = _page(_sweep(tmp_path, COORD))
+    _sections(page)
+    assert 'href="#coord"' in page
+    coord = _section(page, "coord")
+    assert TITLE.findall(coord) == ["Coordinate check: module output size against width"]
+    assert "activations_grow_with_width" in coord and "<details class=\"modules\" open>" in coord
+    for module in ("stem", "blocks.0", "blocks.1.fc2", "head"):
+        assert f"<td>{module}</td>" in coord
+    assert 'id="coord"' not in _page(small) and 'href="#coord"' not in _page(small)  # no width axis
+
+
+def test_a_deep_transformer_is_drawn_per_block_with_the_modules_folded(tmp_path, small):
+    out = _sweep(tmp_path, DEEP)
+    page = _page(out)
+    _sections(page)
+    network = _section(page, "network")
+    assert TITLE.findall(network) == ["Signal propagation at initialization",
+                                      "Parameter trajectories during training"]
+    assert "drawn per residual block: the model has 44 probed modules" in network
+    details = network[network.index('<details class="modules">'):network.index("</details>")]
+    assert "44 modules" in details
+    for module in ("tok", "blocks.0.attn.qkv", "blocks.4.mlp.proj", "ln_f", "head"):
+        assert f"<td>{module}</td>" in details
+    # A small MLP keeps the figure per module, with nothing folded.
+    small_page = _page(small)
+    assert 'class="modules"' not in small_page and "per residual block" not in small_page
+    assert TITLE.findall(_section(small_page, "network")) == ["Signal propagation at initialization",
+                                                              "Parameter trajectories during training"]
+    assert "x: each module&#39;s position in the forward pass" in small_page

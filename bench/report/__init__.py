@@ -48,10 +48,14 @@ def render(results, directory: Path) -> str:
     grid = timed("prepare", prepare, results.runs, results.meta)
     regression = tables.regression(directory)
     advice = tables.advice(directory)
+    # Only a sweep along width with traces has a coordinate check; its section is left out otherwise.
+    coord = None if grid.runs.empty else timed("coord", network.coord_section, grid, results.layers)
+    network_at = [s[0] for s in SECTIONS].index("network") + 1
     sections = (SECTIONS[:1] + ((("advice", "Advice"),) if advice else ())
-                + ((("regression", "Regression"),) if regression else ()) + SECTIONS[1:])
+                + ((("regression", "Regression"),) if regression else ()) + SECTIONS[1:network_at]
+                + ((("coord", "Coordinate check"),) if coord else ()) + SECTIONS[network_at:])
     context = {"sections": sections, "header": tables.header(grid, results.meta),
-               "colors": grid.colors, "regression": regression, "advice": advice}
+               "colors": grid.colors, "regression": regression, "advice": advice, "coord": coord}
     if grid.runs.empty:
         context["empty"] = "no data: the store holds no jobs yet"
         context["failures"] = ""

@@ -52,6 +52,9 @@ class Figure:
     uri: str = ""  # data:image/png;base64,...
     empty: str = ""  # why there is no figure (the page shows it instead)
     table: str = ""  # an optional pandas table (HTML, escaped) shown under the figure
+    # Per-module detail too long for the page (HTML, escaped), shown folded in a <details> element
+    details: str = ""
+    details_summary: str = ""
 
 
 def text(value: object) -> str:

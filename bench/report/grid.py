@@ -122,6 +122,17 @@ class Grid:
                 "spec order on ties)." if self.reference else "")
         return mask, note
 
+    def along(self, axis: str) -> tuple[pd.Series, str]:
+        """Rows that vary only along ``axis`` (and seed, scheme): every other axis at its reference
+        value (extras) or its most common value (the heatmap axes), and a sentence saying which."""
+        usable = self.runs[self.runs["status"] != "failed"]
+        usable = self.runs if usable.empty else usable
+        fixed = {a: self.reference[a] if a in self.reference else _mode(usable[a], self.values[a])
+                 for a in self.axes if a != axis}
+        note = (f" Other axes fixed at {self.describe(fixed)} (the most common values, the first in spec "
+                "order on ties)." if fixed else "")
+        return match(self.runs, fixed), note
+
     @staticmethod
     def describe(values: dict[str, Any]) -> str:
         return ", ".join(f"{k}={fmt(v)}" for k, v in values.items())
