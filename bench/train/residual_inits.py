@@ -247,12 +247,19 @@ def gpt2_(model: nn.Module, *, activation: str = "relu", std: float = 0.02) -> N
 @torch.no_grad()
 def small_init_(model: nn.Module, *, width: int, activation: str = "relu",
                 wang_outputs: bool = False) -> None:
-    """Small init (Nguyen & Salazar 2019, "Transformers without tears"): N(0, 2 / (5 d)), d = width.
+    """Small init (Nguyen & Salazar 2019, "Transformers without tears"): N(0, 2 / (5d)), d = width.
 
-    sqrt(2 / (5d)) is Xavier-normal's std for a d x 4d FFN matrix, used for every Linear
-    (and Conv) weight and Embedding; biases 0, norms 1/0. GPT-NeoX
-    ``megatron/model/init_functions.py`` ``small_init_init_method``. With ``wang_outputs``
-    the residual branch ends get NeoX's ``wang_init_method``: std = 2 / (n_layers sqrt(d)),
+    sqrt(2 / (5d)) is Xavier-normal's std for a d x 4d FFN matrix. What the paper's code
+    (tnq177/transformers_without_tears ``layers.py``) draws with it: the attention's q, k, v
+    and output projections, "the smaller std of feedforward module" instead of Xavier's
+    sqrt(2 / 2d); its FFN matrices get Xavier normal sqrt(2 / (d + d_ff)), which is the same
+    number at d_ff = 4d; its embeddings are N(0, 1 / d) (``model.py``), times sqrt(d) in the
+    forward, and tied to the softmax. Here, as in GPT-NeoX (``megatron/model/init_functions.py``
+    ``small_init_init_method``, used for every layer and the embedding), every Linear (and
+    Conv) weight, every Embedding and an nn.MultiheadAttention's packed in-projection get
+    N(0, 2 / (5d)), whatever their shape; biases 0, norms 1/0. (RWKV's "SmallInit" is another
+    rule: U(+-1e-4) on the embedding alone, BlinkDL/SmallInitEmb.) With ``wang_outputs`` the
+    residual branch ends get NeoX's ``wang_init_method``: std = 2 / (n_layers sqrt(d)),
     n_layers = the number of blocks (this needs the residual convention; plain small init
     applies to any model). q, k, v: one matrix (i.i.d. entries: same as three).
     """
@@ -264,6 +271,12 @@ def small_init_(model: nn.Module, *, width: int, activation: str = "relu",
             module.weight.normal_(0.0, std)
             if getattr(module, "bias", None) is not None:
                 module.bias.zero_()
+        elif isinstance(module, nn.MultiheadAttention):  # q, k, v packed or apart; out_proj is a Linear
+            for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                if getattr(module, name, None) is not None:
+                    getattr(module, name).normal_(0.0, std)
+            if module.in_proj_bias is not None:
+                module.in_proj_bias.zero_()
     _neutral_(model)
     if wang_outputs:
         wang = 2.0 / (len(model.blocks) * math.sqrt(width))
