@@ -412,8 +412,8 @@ def mup_lr_multipliers(model: nn.Module, *, base_shapes: Shapes, optimizer: str)
     embeddings, biases, norms, the readout) keeps lr. ``sgd`` (MuSGD): vector-like
     parameters (one width dim: input weights, biases, norm gains, the readout) get
     lr * width_mult; matrix-like get lr / (fan_in mult / fan_out mult); the rest keep lr.
-    mup scales weight decay by the inverse of each multiplier. Tied weights appear once,
-    under the name ``named_parameters()`` gives them.
+    Weight decay: :func:`mup_wd_multipliers`. Tied weights appear once, under the name
+    ``named_parameters()`` gives them.
     """
     if optimizer not in ("adam", "sgd"):
         raise UserError(f"mup learning rates: optimizer {optimizer!r}; choose from ['adam', 'sgd']")
@@ -428,6 +428,23 @@ def mup_lr_multipliers(model: nn.Module, *, base_shapes: Shapes, optimizer: str)
         else:
             out[name] = shape.width_mult if shape.ninf == 1 else 1.0
     return out
+
+
+def mup_wd_multipliers(model: nn.Module, *, base_shapes: Shapes, optimizer: str) -> dict[str, float]:
+    """Each parameter's muP weight-decay multiplier, by name: the inverse of its learning-rate
+    multiplier (:func:`mup_lr_multipliers`).
+
+    mup ``mup/optim.py`` (microsoft/mup at 1981497, lines 77-79 and 133-139; PyPI mup 1.0.0, lines
+    67-68 and 112-116): with ``decoupled_wd=False`` (the default, and the only behaviour of 1.0.0)
+    MuAdam multiplies a group's weight_decay by width_mult where it divides its lr by width_mult,
+    and MuSGD divides it by width_mult where it multiplies lr, and multiplies it by the fan-in /
+    fan-out ratio where it divides lr by it. torch.optim's SGD and Adam add weight_decay * p to the
+    gradient (coupled L2, as :class:`bench.train.optim.FlatOptimizer` does), so for SGD the decay
+    step lr * weight_decay * p stays width-independent; ``decoupled_wd=True`` (for AdamW-like
+    optimizers, which multiply the decay by lr themselves) leaves weight_decay alone.
+    """
+    return {name: 1.0 / m for name, m in
+            mup_lr_multipliers(model, base_shapes=base_shapes, optimizer=optimizer).items()}
 
 
 @dataclass(frozen=True)
