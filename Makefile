@@ -10,11 +10,17 @@ TORCH  ?= torch==2.13.0
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# mup (microsoft/mup), the oracle of tests/test_mup_oracle.py, goes in without its declared
+# dependencies: they include torchvision, which pins a torch release and would replace $(TORCH) with
+# a multi-GB CUDA build. Importing mup needs only torch and pyyaml (a dev extra).
+MUP    := mup==1.0.0
+
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(if $(strip $(TORCH)),$(BIN)/python -m pip install -q $(TORCH))
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps $(MUP)
 	touch $@
 
 sweep: install

@@ -366,3 +366,62 @@ def test_probes_name_every_module_and_parameter():
     step0 = out.row_stats[0, 0]
     grads = [step0[i, 4] for i, r in enumerate(out.rows) if r.param in ("weight", "bias")]
     assert np.isfinite(grads).all() and (np.asarray(grads) > 0).all()  # every parameter gets a gradient
+
+
+# --- muP's per-parameter learning rates and weight decay against torch.optim param groups --------
+MUP_WD = """
+[grid]
+init = ["mup"]
+lr = [0.05, 0.02]
+seed = [0]
+[model]
+arch = "resmlp"
+depth = 2
+width = 64
+[init_params.mup]
+base_width = 16
+[task]
+name = "teacher"
+n_train = 128
+[train]
+steps = 6
+batch_size = 16
+log_every = 3
+optimizer = "sgd"
+momentum = 0.9
+weight_decay = 0.3
+"""
+
+
+def built_models(jobs):
+    from bench.train import tasks
+    from bench.train.bundle import build_model
+
+    return [build_model(j, tasks.load(j.task, j.task_params, j.seed)) for j in jobs]
+
+
+def test_mup_weight_decay_matches_torch_optim_param_groups():
+    # The oracle trains with one param group per parameter: lr * lr_mult, weight_decay / lr_mult, as
+    # mup's MuSGD builds them; at width_mult 4 the decay multipliers 1/4 and 1 both occur.
+    jobs = jobs_of(MUP_WD)
+    built = built_models(jobs)
+    wd = functional._wd_scale(jobs, built, functional._Bundle(built, torch.device("cpu")))
+    assert set(wd.unique().tolist()) == {0.25, 1.0}
+    assert_matches_oracle(jobs)
+
+
+def test_mup_weight_decay_matches_with_adam():
+    jobs = [dataclasses.replace(j, optimizer="adam", lr=j.lr / 10) for j in jobs_of(MUP_WD)]
+    assert_matches_oracle(jobs, params=False)
+
+
+def test_mup_sgd_decay_step_is_width_independent():
+    # Coupled L2 under MuSGD: the decay part of one plain-SGD step is lr * lr_mult * wd / lr_mult * p
+    # = lr * wd * p for every parameter, whatever its learning-rate multiplier (mup/optim.py).
+    base = dataclasses.replace(jobs_of(MUP_WD)[0], momentum=0.0, steps=1, log_every=1)
+    bare = dataclasses.replace(base, weight_decay=0.0)
+    start = [p.detach().clone() for p in built_models([base])[0].parameters()]
+    with_wd = functional.train([base], keep_params=True, vectorize=True)[0].final_params[0]
+    without = functional.train([bare], keep_params=True, vectorize=True)[0].final_params[0]
+    for p0, a, b in zip(start, with_wd, without, strict=True):
+        torch.testing.assert_close(a - b, -base.lr * base.weight_decay * p0, rtol=1e-4, atol=1e-6)

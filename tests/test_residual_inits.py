@@ -194,6 +194,68 @@ def test_small_init_with_wang_outputs():
     assert_std([b.attn.qkv.weight for b in model.blocks], math.sqrt(2 / 320))
 
 
+# small_init through the registry: d comes from the job's width setting, as build_model passes it.
+SMALL_TASKS = {
+    "mlp": 'name = "teacher"\nn_train = 64', "resmlp": 'name = "teacher"\nn_train = 64',
+    "cnn": 'name = "digits"\nimages = true', "resnet": 'name = "digits"\nimages = true',
+    "transformer": 'name = "markov"\nvocab = 11\nseq_len = 8\nn_train = 64\nn_val = 32',
+}
+
+
+def small_init_model(arch: str, width: int, params: str = "") -> nn.Module:
+    from bench import spec
+    from bench.train import tasks
+    from bench.train.bundle import build_model
+
+    text = (f'[grid]\ninit = ["small_init"]\nseed = [0]\n[model]\narch = "{arch}"\ndepth = 3\n'
+            f"width = {width}\n{params}\n[task]\n{SMALL_TASKS[arch]}\n[train]\nsteps = 1\n")
+    (job,) = spec.parse(text).jobs()
+    return build_model(job, tasks.load(job.task, job.task_params, job.seed))
+
+
+@pytest.mark.parametrize("arch", sorted(SMALL_TASKS))
+def test_small_init_draws_two_over_five_d_from_the_jobs_width(arch):
+    model = small_init_model(arch, 48)
+    roles = {r: [p.tensor for p in I.parameters(model) if p.role == r] for r in ("weight", "bias", "norm")}
+    # Every weight of >= 2 dims (Linear, Conv, Embedding, the head), whatever its fans: pooled, and
+    # each one on its own (a small head would hide in the pool).
+    assert_std(roles["weight"], math.sqrt(2 / (5 * 48)))
+    for w in roles["weight"]:
+        assert_std([w], math.sqrt(2 / (5 * 48)))
+    assert all(map(zero, roles["bias"]))
+    assert all(bool((p.tensor == (1.0 if p.leaf == "weight" else 0.0)).all())
+               for p in I.parameters(model) if p.role == "norm")
+
+
+def test_small_init_d_given_overrides_the_width():
+    model = small_init_model("resmlp", 48, "[init_params.small_init]\nd = 12")
+    assert_std([p for p in model.parameters() if p.dim() >= 2], math.sqrt(2 / (5 * 12)))
+
+
+def test_small_init_draws_a_multihead_attention_in_projection():
+    torch.manual_seed(0)
+    model = nn.ModuleList(nn.MultiheadAttention(64, 4) for _ in range(4))
+    I.apply(model, "small_init", I.InitContext(None, I.resolve_params("small_init", {}), width=64))
+    assert_std([m.in_proj_weight for m in model] + [m.out_proj.weight for m in model], math.sqrt(2 / 320))
+    assert all(zero(m.in_proj_bias) and zero(m.out_proj.bias) for m in model)
+
+
+def test_small_init_without_a_width_asks_for_d():
+    ctx = I.InitContext(None, I.resolve_params("small_init", {}))  # a factory with no width setting
+    with pytest.raises(UserError, match=re.escape("has no width setting; give one: "
+                                                  "[init_params.small_init] d = <width>")):
+        I.apply(nn.Linear(4, 4), "small_init", ctx)
+
+
+@pytest.mark.parametrize("value", ["0", "2.5", '"wide"', "true"])
+def test_small_init_bad_d_is_a_user_error_naming_it(value):
+    from bench import spec
+
+    text = f'[grid]\ninit = ["small_init"]\n[init_params.small_init]\nd = {value}\n[task]\nname = "teacher"\n'
+    with pytest.raises(UserError, match=re.escape("[init_params.small_init] d = ") + ".*'width'"):
+        spec.parse(text)
+
+
 # --------------------------------------------------------------------------- muP
 
 

@@ -68,7 +68,8 @@ def build_model(job: Job, data: tasks.TaskData) -> nn.Module:
         if job.arch in models.ARCHS:
             model = models.ARCHS[job.arch](data.d_in, data.d_out, job.depth, job.width, job.activation)
             ctx = inits.InitContext(activation=job.activation, params=dict(job.init_params),
-                                    data=mlp_rows(data.x_train[first]), forward=models.preactivations)
+                                    data=mlp_rows(data.x_train[first]), forward=models.preactivations,
+                                    width=job.width)
         else:
             settings = models.factory_settings(
                 job.arch, {"depth": job.depth, "width": job.width, "activation": job.activation,
@@ -79,7 +80,8 @@ def build_model(job: Job, data: tasks.TaskData) -> nn.Module:
                                                               {**s, "width": width})) \
                 if "width" in settings else None
             ctx = inits.InitContext(activation=settings.get("activation"), params=dict(job.init_params),
-                                    data=data.x_train[first], rebuild=rebuild)
+                                    data=data.x_train[first], rebuild=rebuild,
+                                    width=settings.get("width"))
         inits.apply(model, job.init, ctx, job.init_bias, job.init_rules)
     return model
 

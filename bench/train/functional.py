@@ -180,7 +180,7 @@ def _fit(jobs: list[Job], data: list[tasks.TaskData], built: list[nn.Module], *,
     steps = ref.steps if steps is None else steps
     dev = torch.device(device)
     bundle = _Bundle(built, dev)
-    opt = FlatOptimizer(jobs, bundle.flat, _lr_scale(jobs, built, bundle))
+    opt = FlatOptimizer(jobs, bundle.flat, _lr_scale(jobs, built, bundle), _wd_scale(jobs, built, bundle))
     classes = data[0].classes
     first = tasks.batch_schedule(ref.seed, len(data[0].x_train), ref.batch_size, 0)[0]
     order = forward_order(built[0], data[0].x_train[first])
@@ -302,12 +302,21 @@ def _fit(jobs: list[Job], data: list[tasks.TaskData], built: list[nn.Module], *,
 
 def _lr_scale(jobs: list[Job], built: list[nn.Module], bundle: _Bundle) -> torch.Tensor | None:
     """(K, P) per-parameter learning-rate multipliers, for jobs whose scheme sets them (muP); else None."""
+    return _per_parameter(jobs, built, bundle, residual_inits.mup_lr_multipliers)
+
+
+def _wd_scale(jobs: list[Job], built: list[nn.Module], bundle: _Bundle) -> torch.Tensor | None:
+    """(K, P) per-parameter weight-decay multipliers (muP's: the inverse of the lr's); else None."""
+    return _per_parameter(jobs, built, bundle, residual_inits.mup_wd_multipliers)
+
+
+def _per_parameter(jobs: list[Job], built: list[nn.Module], bundle: _Bundle,
+                   multipliers: Callable[..., dict[str, float]]) -> torch.Tensor | None:
     if not any(hasattr(m, "mup_base_shapes") for m in built):
         return None
     rows = []
     for job, model in zip(jobs, built):
-        mult = (residual_inits.mup_lr_multipliers(model, base_shapes=model.mup_base_shapes,
-                                                  optimizer=job.optimizer)
+        mult = (multipliers(model, base_shapes=model.mup_base_shapes, optimizer=job.optimizer)
                 if hasattr(model, "mup_base_shapes") else {})
         rows.append(torch.cat([torch.full((a_b[1] - a_b[0],), float(mult.get(n, 1.0)))
                                for n, a_b in zip(bundle.names, bundle.offsets)]))

@@ -75,6 +75,9 @@ class InitContext:
     # Builds the same architecture at another width (``rebuild(width=...)``), for schemes that compare
     # widths (muP's base shapes); None for the MLP.
     rebuild: Callable[..., nn.Module] | None = None
+    # The model's width (d_model: the MLP's hidden width, a factory's ``width`` setting); None when the
+    # architecture takes no width setting. small_init's d defaults to it.
+    width: int | None = None
     scheme: str = ""  # the scheme being applied, for messages (set by apply)
 
 
@@ -342,11 +345,28 @@ def _residual(name: str) -> Callable[[nn.Module, InitContext], None]:
 # Schemes for residual nets and transformers (bench.train.residual_inits): they find the residual
 # branches through the block convention (architectures.py) and set every bias and norm themselves,
 # so init_bias does not apply to them. small_init and mup need the model's width and base shapes:
-# not in the registry yet.
+# their entries follow.
 for _name in ("zero_residual", "fixup", "skipinit", "rezero", "gpt2"):
     _entry = residual_inits.RESIDUAL_INITS[_name]
     INITS[_name] = Scheme(_residual(_name), dict(_entry.params), named=False,
                           doc=(_entry.apply.__doc__ or "").strip().splitlines()[0])
+
+
+def _small_init(model: nn.Module, ctx: InitContext) -> None:
+    """Small init (Nguyen & Salazar 2019): ``residual_inits.small_init_`` with d = ``[init_params.small_init]
+    d``, or the model's width setting when d is ``"width"`` (the default)."""
+    d = ctx.params["d"]
+    if d == "width":
+        if ctx.width is None:
+            raise UserError("init 'small_init' draws N(0, 2 / (5 d)) with d = the model width, and this "
+                            "model has no width setting; give one: [init_params.small_init] d = <width>")
+        d = ctx.width
+    residual_inits.small_init_(model, width=int(d), activation=ctx.activation or "relu")
+
+
+# small_init sets every bias (0) and norm (1/0) itself, as the residual schemes do: named=False.
+INITS["small_init"] = Scheme(_small_init, {"d": "width"}, named=False,
+                             doc="every Linear/Conv/Embedding weight N(0, 2 / (5 d)), d = the model width")
 
 
 def _mup(model: nn.Module, ctx: InitContext) -> None:
@@ -383,6 +403,12 @@ def check_param(name: str, key: str, value: Any, where: str) -> Any:
         raise UserError(f"{where}: unknown key {key!r} for init {name!r}; choose from {sorted(defaults)}")
     if key == "gain" and value == "activation":
         return value
+    if key == "d":  # small_init's model width: "width" (the job's) or a positive integer
+        if value == "width":
+            return value
+        if not is_number(value) or value != int(value) or value < 1:
+            raise UserError(f"{where} = {value!r}: expected an integer >= 1 or 'width' (the model's)")
+        return int(value)
     if key == "mode":
         if value not in ("fan_in", "fan_out"):
             raise UserError(f"{where} = {value!r}: choose from ['fan_in', 'fan_out']")

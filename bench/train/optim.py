@@ -24,8 +24,10 @@ class FlatOptimizer:
     implementations step for step.
     """
 
-    def __init__(self, jobs: list[Job], flat: torch.Tensor, lr_scale: torch.Tensor | None = None):
-        """``lr_scale`` (K, P): per-parameter learning-rate multipliers (muP's), 1 where None."""
+    def __init__(self, jobs: list[Job], flat: torch.Tensor, lr_scale: torch.Tensor | None = None,
+                 wd_scale: torch.Tensor | None = None):
+        """``lr_scale``, ``wd_scale`` (K, P): per-parameter learning-rate and weight-decay multipliers
+        (muP's), 1 where None."""
         dev = flat.device
 
         def column(values: list[float]) -> torch.Tensor:  # (K, 1): broadcasts over a job's row
@@ -37,6 +39,8 @@ class FlatOptimizer:
         if lr_scale is not None:  # a learning rate per job and parameter: (K, P), not (K, 1)
             self.lr = self.lr * lr_scale.to(device=dev, dtype=flat.dtype)
         self.wd = column([j.weight_decay for j in jobs])
+        if wd_scale is not None:  # coupled L2 per parameter, as torch.optim param groups give it
+            self.wd = self.wd * wd_scale.to(device=dev, dtype=flat.dtype)
         self.momentum = column([j.momentum for j in jobs])
         self.b1 = column([j.betas[0] for j in jobs])
         self.b2 = column([j.betas[1] for j in jobs])

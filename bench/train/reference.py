@@ -13,15 +13,31 @@ import torch
 from torch import nn
 
 from bench.job import Job
-from bench.train import tasks
+from bench.train import residual_inits, tasks
 from bench.train.bundle import build_model, loss_per_job, mlp_rows
 
 
 def make_optimizer(job: Job, params) -> torch.optim.Optimizer:
-    """The torch.optim optimizer a job asks for, with its hyperparameters."""
+    """The torch.optim optimizer a job asks for, with its hyperparameters.
+
+    ``params``: tensors, or torch.optim param groups (dicts) whose own lr / weight_decay win.
+    """
     if job.optimizer == "sgd":
         return torch.optim.SGD(params, lr=job.lr, momentum=job.momentum, weight_decay=job.weight_decay)
     return torch.optim.Adam(params, lr=job.lr, betas=job.betas, weight_decay=job.weight_decay)
+
+
+def param_groups(job: Job, model: nn.Module) -> list[dict] | list[nn.Parameter]:
+    """What the optimizer trains: the model's parameters, or for a muP model one torch.optim param
+    group per parameter with its muP lr and weight decay, as mup's MuSGD / MuAdam build them
+    (``residual_inits.mup_lr_multipliers``, ``mup_wd_multipliers``)."""
+    shapes = getattr(model, "mup_base_shapes", None)
+    if shapes is None:
+        return list(model.parameters())
+    lr = residual_inits.mup_lr_multipliers(model, base_shapes=shapes, optimizer=job.optimizer)
+    wd = residual_inits.mup_wd_multipliers(model, base_shapes=shapes, optimizer=job.optimizer)
+    return [{"params": [p], "lr": job.lr * lr[n], "weight_decay": job.weight_decay * wd[n]}
+            for n, p in model.named_parameters()]
 
 
 def train_plain(job: Job, *, record: bool = True) -> tuple[list[float], nn.Module, list[dict]]:
@@ -33,7 +49,7 @@ def train_plain(job: Job, *, record: bool = True) -> tuple[list[float], nn.Modul
     """
     data = tasks.load(job.task, job.task_params, job.seed)
     model = build_model(job, data)
-    opt = make_optimizer(job, model.parameters())
+    opt = make_optimizer(job, param_groups(job, model))
     schedule = tasks.batch_schedule(job.seed, len(data.x_train), job.batch_size, job.steps)
     losses, records = [], []
     for t in range(job.steps):

@@ -247,12 +247,19 @@ def gpt2_(model: nn.Module, *, activation: str = "relu", std: float = 0.02) -> N
 @torch.no_grad()
 def small_init_(model: nn.Module, *, width: int, activation: str = "relu",
                 wang_outputs: bool = False) -> None:
-    """Small init (Nguyen & Salazar 2019, "Transformers without tears"): N(0, 2 / (5 d)), d = width.
+    """Small init (Nguyen & Salazar 2019, "Transformers without tears"): N(0, 2 / (5d)), d = width.
 
-    sqrt(2 / (5d)) is Xavier-normal's std for a d x 4d FFN matrix, used for every Linear
-    (and Conv) weight and Embedding; biases 0, norms 1/0. GPT-NeoX
-    ``megatron/model/init_functions.py`` ``small_init_init_method``. With ``wang_outputs``
-    the residual branch ends get NeoX's ``wang_init_method``: std = 2 / (n_layers sqrt(d)),
+    sqrt(2 / (5d)) is Xavier-normal's std for a d x 4d FFN matrix. What the paper's code
+    (tnq177/transformers_without_tears ``layers.py``) draws with it: the attention's q, k, v
+    and output projections, "the smaller std of feedforward module" instead of Xavier's
+    sqrt(2 / 2d); its FFN matrices get Xavier normal sqrt(2 / (d + d_ff)), which is the same
+    number at d_ff = 4d; its embeddings are N(0, 1 / d) (``model.py``), times sqrt(d) in the
+    forward, and tied to the softmax. Here, as in GPT-NeoX (``megatron/model/init_functions.py``
+    ``small_init_init_method``, used for every layer and the embedding), every Linear (and
+    Conv) weight, every Embedding and an nn.MultiheadAttention's packed in-projection get
+    N(0, 2 / (5d)), whatever their shape; biases 0, norms 1/0. (RWKV's "SmallInit" is another
+    rule: U(+-1e-4) on the embedding alone, BlinkDL/SmallInitEmb.) With ``wang_outputs`` the
+    residual branch ends get NeoX's ``wang_init_method``: std = 2 / (n_layers sqrt(d)),
     n_layers = the number of blocks (this needs the residual convention; plain small init
     applies to any model). q, k, v: one matrix (i.i.d. entries: same as three).
     """
@@ -264,6 +271,12 @@ def small_init_(model: nn.Module, *, width: int, activation: str = "relu",
             module.weight.normal_(0.0, std)
             if getattr(module, "bias", None) is not None:
                 module.bias.zero_()
+        elif isinstance(module, nn.MultiheadAttention):  # q, k, v packed or apart; out_proj is a Linear
+            for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                if getattr(module, name, None) is not None:
+                    getattr(module, name).normal_(0.0, std)
+            if module.in_proj_bias is not None:
+                module.in_proj_bias.zero_()
     _neutral_(model)
     if wang_outputs:
         wang = 2.0 / (len(model.blocks) * math.sqrt(width))
@@ -399,8 +412,8 @@ def mup_lr_multipliers(model: nn.Module, *, base_shapes: Shapes, optimizer: str)
     embeddings, biases, norms, the readout) keeps lr. ``sgd`` (MuSGD): vector-like
     parameters (one width dim: input weights, biases, norm gains, the readout) get
     lr * width_mult; matrix-like get lr / (fan_in mult / fan_out mult); the rest keep lr.
-    mup scales weight decay by the inverse of each multiplier. Tied weights appear once,
-    under the name ``named_parameters()`` gives them.
+    Weight decay: :func:`mup_wd_multipliers`. Tied weights appear once, under the name
+    ``named_parameters()`` gives them.
     """
     if optimizer not in ("adam", "sgd"):
         raise UserError(f"mup learning rates: optimizer {optimizer!r}; choose from ['adam', 'sgd']")
@@ -415,6 +428,23 @@ def mup_lr_multipliers(model: nn.Module, *, base_shapes: Shapes, optimizer: str)
         else:
             out[name] = shape.width_mult if shape.ninf == 1 else 1.0
     return out
+
+
+def mup_wd_multipliers(model: nn.Module, *, base_shapes: Shapes, optimizer: str) -> dict[str, float]:
+    """Each parameter's muP weight-decay multiplier, by name: the inverse of its learning-rate
+    multiplier (:func:`mup_lr_multipliers`).
+
+    mup ``mup/optim.py`` (microsoft/mup at 1981497, lines 77-79 and 133-139; PyPI mup 1.0.0, lines
+    67-68 and 112-116): with ``decoupled_wd=False`` (the default, and the only behaviour of 1.0.0)
+    MuAdam multiplies a group's weight_decay by width_mult where it divides its lr by width_mult,
+    and MuSGD divides it by width_mult where it multiplies lr, and multiplies it by the fan-in /
+    fan-out ratio where it divides lr by it. torch.optim's SGD and Adam add weight_decay * p to the
+    gradient (coupled L2, as :class:`bench.train.optim.FlatOptimizer` does), so for SGD the decay
+    step lr * weight_decay * p stays width-independent; ``decoupled_wd=True`` (for AdamW-like
+    optimizers, which multiply the decay by lr themselves) leaves weight_decay alone.
+    """
+    return {name: 1.0 / m for name, m in
+            mup_lr_multipliers(model, base_shapes=base_shapes, optimizer=optimizer).items()}
 
 
 @dataclass(frozen=True)
