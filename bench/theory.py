@@ -434,7 +434,7 @@ class ResidualStream:
 
 
 def stream_variance(stream: ResidualStream, q0: float) -> np.ndarray:
-    """Predicted mean squared output of a residual MLP's stem, of the stream after each block, and of the head.
+    """Predicted mean squared output of a residual MLP's stem, stream after each block, and head.
 
     The stream starts at q_0 = stem(q0). A branch's output is uncorrelated with the stream it is added
     to (its last layer's weights are drawn independently and have mean zero), so the block's output has
