@@ -109,7 +109,7 @@ def propagation_figure(grid: Grid, layers: pd.DataFrame) -> Figure:
 def _theory_panel(ax, grid: Grid, preact: pd.DataFrame) -> None:
     """Measured preactivation second moment (points) against mean-field theory (lines), per scheme."""
     ax.set(title="signal vs mean-field theory", xlabel=INDEX_LABEL,
-           ylabel="preactivation second moment q (log scale)")
+           ylabel="preactivation (resmlp: stream) q (log scale)")
     if preact.empty or "q_pred" not in preact or preact["q_pred"].isna().all():
         ax.text(0.5, 0.5, "no theory prediction stored: theory covers MLPs\nand the built-in resmlp "
                 "(stores written since)",
