@@ -51,27 +51,46 @@ def failed(job: Job, error: str, env: dict[str, str], wall_s: float = float("nan
 _Q, _Q_PRED = len(STATS), len(STATS) + 1  # where q and q_pred follow the stats in a trace row
 
 
-def _predicted_q(job: Job, dims: list[int], q0: float) -> np.ndarray:
-    """Mean-field prediction of each layer's preactivation second moment at step 0 (NaN if none).
+def _predicted_q(job: Job, out: BundleOutput, k: int) -> np.ndarray:
+    """Theory's prediction of job ``k``'s second moments at step 0, one per :func:`_theory_rows` row.
 
-    None for a job with init rules: theory knows the scheme, not what the rules changed after it.
+    An MLP's preactivations (mean-field, from the scheme's formula: NaN for a job with init rules,
+    since theory knows the scheme, not what the rules changed after it); a residual MLP's stream
+    (from its initialized weights, so any scheme and rules are covered); nothing for other models.
     """
-    if job.init_rules:
-        return np.full(len(dims) - 1, np.nan)
+    q0 = float(out.input_q[k])
     try:
-        return theory.predicted_preact_variance(job.init, job.activation, dims, q0,
-                                                params=dict(job.init_params), init_bias=job.init_bias)
+        if out.dims:
+            if job.init_rules:
+                return np.full(len(out.dims) - 1, np.nan)
+            return theory.predicted_preact_variance(job.init, job.activation, out.dims, q0,
+                                                    params=dict(job.init_params), init_bias=job.init_bias)
+        if out.streams and out.streams[k] is not None:
+            return theory.stream_variance(out.streams[k], q0)
     except (UserError, ValueError, ArithmeticError):
-        return np.full(len(dims) - 1, np.nan)
+        pass
+    return np.full(len(_theory_rows(out)), np.nan)
 
 
-def _traces(out: BundleOutput, predicted: np.ndarray) -> np.ndarray:
+def _theory_rows(out: BundleOutput) -> np.ndarray:
+    """The trace rows theory predicts, in its order: an MLP's preactivations (``preact``), a residual
+    MLP's stem, stream after each block and head (``output``); none for other models."""
+    if out.dims:
+        return np.flatnonzero([r.param == "preact" for r in out.rows])
+    stream = next((s for s in out.streams if s is not None), None)
+    if stream is None:
+        return np.array([], dtype=int)
+    where = {(r.module, r.param): i for i, r in enumerate(out.rows)}
+    return np.array([where[(name, "output")] for name in stream.modules])
+
+
+def _traces(out: BundleOutput, predicted: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Every job's layer-trace values: (K, n_log, rows, STATS + q + q_pred), float64.
 
     Job-major, so that each job's rows are one contiguous run of the bundle's table. ``q`` is the
-    measured second moment (mean^2 + std^2) of module outputs (``act``, ``preact``), NaN for
-    parameters; ``q_pred`` is theory's prediction (``predicted``, (K, n preact rows)) on the step-0
-    preactivations, in forward order. Kept in float64 until stored (as float32): a second moment
+    measured second moment (mean^2 + std^2) of module outputs (``act``, ``preact``, ``output``), NaN
+    for parameters; ``q_pred`` is theory's prediction (``predicted``, (K, len(targets))) for the rows
+    ``targets`` at step 0. Kept in float64 until stored (as float32): a second moment
     overflows float32 when the std passes 1.8e19, which an exploding net's deep layers reach while
     their entries are finite.
     """
@@ -82,10 +101,8 @@ def _traces(out: BundleOutput, predicted: np.ndarray) -> np.ndarray:
     signal = np.isin(params, SIGNALS)
     mean, std = block[:, :, signal, STATS.index("mean")], block[:, :, signal, STATS.index("std")]
     block[:, :, signal, _Q] = mean ** 2 + std ** 2
-    preact = params == "preact"
-    if predicted.shape[1] == preact.sum():  # theory has a prediction for every preactivation
-        for i in np.flatnonzero(out.log_steps == 0):
-            block[:, i, preact, _Q_PRED] = predicted
+    for i in np.flatnonzero(out.log_steps == 0):
+        block[:, i, targets, _Q_PRED] = predicted
     return block
 
 
@@ -108,11 +125,11 @@ def from_bundle(jobs: list[Job], out: BundleOutput, cfg: MetricsConfig, wall_s: 
     n_log, k_jobs, rows = out.row_stats.shape[:3]
     train = np.stack([metrics.window_means(out.losses[:, k], out.log_steps, job.log_every)
                       for k, job in enumerate(jobs)])
-    # Signal propagation: measured second moment of each layer's preactivation at step 0 next to
-    # mean-field theory's prediction for this scheme, activation and input.
-    predicted = np.array([_predicted_q(job, out.dims, float(out.input_q[k])) if out.dims else []
-                          for k, job in enumerate(jobs)]).reshape(k_jobs, -1)
-    block = _traces(out, predicted)
+    # Signal propagation: measured second moment of each layer's preactivation (a residual MLP's
+    # stream) at step 0 next to theory's prediction for this init, activation and input.
+    targets = _theory_rows(out)
+    predicted = np.array([_predicted_q(job, out, k) for k, job in enumerate(jobs)]).reshape(k_jobs, -1)
+    block = _traces(out, predicted, targets)
     curves = pd.DataFrame({"step": np.tile(out.log_steps, k_jobs), "train_loss": train.ravel(),
                            "val_loss": out.val_loss.T.ravel(), "val_acc": out.val_acc.T.ravel(),
                            "grad_norm": out.grad_norm.T.ravel()})
@@ -130,7 +147,7 @@ def from_bundle(jobs: list[Job], out: BundleOutput, cfg: MetricsConfig, wall_s: 
                                                               categories=list(kinds)),
                            **dict(zip((*STATS, "q", "q_pred"), values.T))})
     modules = pd.DataFrame(out.modules, columns=list(MODULE_COLUMNS))
-    at0, preact = out.log_steps == 0, np.array([r.param == "preact" for r in out.rows])
+    at0 = out.log_steps == 0
     params = [r.param for r in out.rows]
     results = []
     for k, job in enumerate(jobs):
@@ -142,8 +159,7 @@ def from_bundle(jobs: list[Job], out: BundleOutput, cfg: MetricsConfig, wall_s: 
         m = metrics.job_metrics(out.log_steps[:n], train[k, :n], out.val_loss[:n, k], out.val_acc[:n, k],
                                 params, out.row_stats[:n, k], div, job.steps, cfg,
                                 null_loss=float(out.null_loss[k]))
-        m["signal_error"] = (metrics.signal_error(block[k, at0][:, preact, _Q].ravel(), predicted[k])
-                             if predicted.shape[1] == preact.sum() else float("nan"))
+        m["signal_error"] = metrics.signal_error(block[k, at0][:, targets, _Q].ravel(), predicted[k])
         flags = metrics.pathologies(m, cfg)
         results.append(JobResult(job.job_id, job.settings(), "diverged" if div >= 0 else "ok",
                                  metrics=m, pathologies=",".join(flags), wall_s=wall_s / len(jobs), env=env,

@@ -3,6 +3,10 @@
 Predicts from an init scheme's variances alone how the mean squared preactivation ``q`` evolves
 with depth (Poole et al. 2016; Schoenholz et al. 2017). Weights have variance ``sigma_w2 / fan_in``,
 biases variance ``sigma_b2``. Expectations over ``z ~ N(0, 1)`` use quadrature split at z = 0.
+
+The same recursion carries over to the residual stream of a residual MLP (:func:`stream_variance`):
+each block adds its branch's second moment to the stream's, and a norm in the branch makes that a
+constant, so the stream grows linearly with depth.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -378,3 +383,78 @@ def predicted_preact_variance(
         q[layer] = sigma_w2 * moment + sigma_b2
         moment = _second_moment(phi, q[layer])
     return q
+
+
+@dataclass(frozen=True)
+class Affine:
+    """A fully connected layer's second-moment map, E[y^2] = sigma_w2 * E[x^2] + sigma_b2, at init.
+
+    sigma_w2 = fan_in * E[w^2] and sigma_b2 = E[b^2] over the layer's entries, with any scalar that
+    multiplies the layer's output (a gate, a head multiplier) and any scalar bias added to it folded in.
+    """
+
+    sigma_w2: float
+    sigma_b2: float
+
+    def __call__(self, q: float) -> float:
+        return self.sigma_w2 * q + self.sigma_b2
+
+
+@dataclass(frozen=True)
+class Branch:
+    """A residual branch f(x) = fc2(phi(fc1(norm(x) + c_in)) + c_act) at init, as second moments.
+
+    ``input``: the branch input's second moment as a map of the stream's q: (1, c_in^2) without a
+    norm; (0, E[gamma^2] + E[(beta + c_in)^2]) when a BatchNorm or LayerNorm comes first, since either
+    rescales its input to unit second moment (eps neglected). ``act_shift``: c_act, the scalar added
+    after the activation (Fixup's bias2a).
+    """
+
+    input: Affine
+    fc1: Affine
+    fc2: Affine
+    act_shift: float = 0.0
+
+
+@dataclass(frozen=True)
+class ResidualStream:
+    """A residual MLP at init: stem, blocks x + f(x), head, as second-moment maps (:func:`stream_variance`).
+
+    ``modules`` names the modules whose outputs the prediction describes, in its order: the stem,
+    each block (its output is the stream after it), the head. ``head`` acts on the stream plus
+    ``head_shift`` (a scalar bias before the head).
+    """
+
+    modules: tuple[str, ...]
+    activation: str
+    stem: Affine
+    blocks: tuple[Branch, ...]
+    head: Affine
+    head_shift: float = 0.0
+
+
+def stream_variance(stream: ResidualStream, q0: float) -> np.ndarray:
+    """Predicted mean squared output of a residual MLP's stem, stream after each block, and head.
+
+    The stream starts at q_0 = stem(q0). A branch's output is uncorrelated with the stream it is added
+    to (its last layer's weights are drawn independently and have mean zero), so the block's output has
+    q_{l+1} = q_l + E[f(x)^2], with E[f(x)^2] = fc2(E[(phi(sqrt(p) z) + c_act)^2]), p = fc1(input(q_l)),
+    by the mean-field argument: fc1's output is Gaussian across its units at large width. Without a
+    norm the branch grows with q_l (relu with He weights: q_{l+1} = 3 q_l); with a norm before fc1 it
+    is a constant, and q grows linearly in depth. A zero last layer or gate makes the block the identity.
+
+    Args:
+        stream: the model's second-moment maps (read off its initialized weights by the engine).
+        q0: mean squared input entry.
+    Returns:
+        Array of length len(stream.blocks) + 2, in the order of ``stream.modules``.
+    """
+    phi, _ = _lookup(ACTIVATIONS, "activation", stream.activation)
+    _check_nonnegative(q0=q0)
+    q = [stream.stem(float(q0))]
+    for branch in stream.blocks:
+        p = branch.fc1(branch.input(q[-1]))
+        moment = _expect(lambda u, c=branch.act_shift: (phi(u) + c) ** 2, p)
+        q.append(q[-1] + branch.fc2(moment))
+    q.append(stream.head(q[-1] + stream.head_shift**2))
+    return np.array(q)

@@ -78,7 +78,9 @@ def propagation_figure(grid: Grid, layers: pd.DataFrame) -> Figure:
         return Figure(title, empty="no data: no step-0 layer statistics for the selected runs")
     if _per_block(step0):
         return _block_propagation(grid, step0.merge(runs[["job_id", "scheme"]], on="job_id"), note)
-    theory = step0[step0["param"] == "preact"].merge(runs[["job_id", "scheme"]], on="job_id")
+    # Theory's rows: an MLP's preactivations, a residual MLP's stem, stream and head (q_pred set).
+    predicted = step0["q_pred"].notna() if "q_pred" in step0 else False
+    theory = step0[(step0["param"] == "preact") | predicted].merge(runs[["job_id", "scheme"]], on="job_id")
     with style():
         fig, axes = plt.subplots(1, 3, figsize=(15, 4), layout="constrained")
         _theory_panel(axes[2], grid, theory)
@@ -93,7 +95,8 @@ def propagation_figure(grid: Grid, layers: pd.DataFrame) -> Figure:
                "signal, upward exploding. Lines are medians over all runs of the cell (learning rate does "
                "not matter at step 0; seeds do), bands their interquartile range. Values that are exactly "
                "zero sit on the dotted floor. Third panel: each layer's preactivation second moment q "
-               "(points, median over runs) beside mean-field theory's prediction for the scheme, the "
+               "(a residual MLP's stem, stream after each block and head) (points, median over runs) beside "
+               "mean-field theory's prediction for the scheme, the "
                "activation and the measured input (lines; bench.theory): agreement means the init does "
                "what its formula promises. Theory describes the average network; a single finite-width "
                "net drifts from it by a few tens of percent over many layers. x: each module's position in "
@@ -173,9 +176,10 @@ def _module_table(step0: pd.DataFrame) -> str:
 def _theory_panel(ax, grid: Grid, preact: pd.DataFrame) -> None:
     """Measured preactivation second moment (points) against mean-field theory (lines), per scheme."""
     ax.set(title="signal vs mean-field theory", xlabel=INDEX_LABEL,
-           ylabel="preactivation second moment q (log scale)")
+           ylabel="preactivation (resmlp: stream) q (log scale)")
     if preact.empty or "q_pred" not in preact or preact["q_pred"].isna().all():
-        ax.text(0.5, 0.5, "no theory prediction stored\n(store written before it existed)",
+        ax.text(0.5, 0.5, "no theory prediction stored: theory covers MLPs\nand the built-in resmlp "
+                "(stores written since)",
                 transform=ax.transAxes, ha="center", va="center", fontsize=9, color="#555")
         return
     agg = preact.groupby(["scheme", "index"])[["q", "q_pred"]].median().reset_index()

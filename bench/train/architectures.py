@@ -69,6 +69,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from bench import theory
 from bench.errors import UserError
 from bench.train import activations
 
@@ -190,6 +191,7 @@ class ResMLP(_Model):
     def __init__(self, in_shape: tuple, out_dim: int, depth: int, width: int, activation: str, norm: str,
                  gates: bool, scalar_biases: bool):
         super().__init__()
+        self.activation = activation  # for theory (stream_theory): the module alone does not name it
         self.stem = nn.Linear(math.prod(in_shape), width)
         self.blocks = nn.ModuleList(ResMLPBlock(width, activation, norm, gates, scalar_biases)
                                     for _ in range(depth))
@@ -215,6 +217,48 @@ def resmlp(in_shape: tuple, out_dim: int, *, depth: int, width: int, activation:
     _check("resmlp", "norm", norm, RESMLP_NORMS)
     _positive("resmlp", depth=depth, width=width)
     return ResMLP(in_shape, out_dim, depth, width, activation, norm, gates, scalar_biases)
+
+
+def _mean_square(t: torch.Tensor | None, shift: torch.Tensor | None = None) -> float:
+    t = torch.zeros(()) if t is None else t.detach().double()
+    return float(((t + (0.0 if shift is None else shift.detach().double())) ** 2).mean())
+
+
+def _affine(layer: nn.Linear, scale: float = 1.0, bias_scale: float = 1.0,
+            shift: torch.Tensor | None = None) -> theory.Affine:
+    """x -> scale * layer(x) (bias times ``bias_scale``) + shift, as a second-moment map."""
+    w, b = layer.weight.detach().double(), layer.bias
+    bias = None if b is None else b.detach().double() * bias_scale
+    return theory.Affine(scale**2 * w.shape[1] * float((w**2).mean()), _mean_square(bias, shift))
+
+
+@torch.no_grad()
+def stream_theory(model: nn.Module) -> theory.ResidualStream | None:
+    """The built-in residual MLP's second-moment maps, read off its initialized parameters; None for
+    any other model (theory has no prediction for it).
+
+    Read from the weights, not from the scheme's formula, so every scheme (residual ones, data-driven
+    ones, init rules) is covered: a layer's sigma_w2 is fan_in x its mean squared weight, and gates,
+    scalar biases, norm gains and ``head_mult`` enter with their values.
+    """
+    if not isinstance(model, ResMLP):
+        return None
+    blocks = []
+    for block in model.blocks:
+        gate = 1.0 if block.gate is None else float(block.gate)
+        if isinstance(block.norm, (nn.LayerNorm, nn.BatchNorm1d)):
+            gamma = block.norm.weight if block.norm.weight is not None else torch.ones(())
+            beta = block.norm.bias if block.norm.bias is not None else torch.zeros(())
+            entry = theory.Affine(0.0, _mean_square(gamma) + _mean_square(beta, block.bias1a))
+        else:
+            entry = theory.Affine(1.0, _mean_square(block.bias1a))
+        blocks.append(theory.Branch(input=entry, fc1=_affine(block.fc1, shift=block.bias1b),
+                                    fc2=_affine(block.fc2, gate, gate, shift=block.bias2b),
+                                    act_shift=0.0 if block.bias2a is None else float(block.bias2a)))
+    return theory.ResidualStream(
+        modules=("stem", *(f"blocks.{i}" for i in range(len(blocks))), "head"), activation=model.activation,
+        stem=_affine(model.stem), blocks=tuple(blocks), head=_affine(model.head, float(model.head_mult)),
+        head_shift=0.0 if model.head_bias is None else float(model.head_bias))
 
 
 # --------------------------------------------------------------------------- residual CNN

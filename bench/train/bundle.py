@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from bench import theory
 from bench.job import Job
 from bench.train import inits, models, tasks
 
@@ -48,6 +49,8 @@ class BundleOutput:
     modules: list[dict]  # the catalog (schema.MODULE_COLUMNS), the same for every job of a bundle
     dims: list[int] | None  # MLP layer widths [d_in, hidden..., d_out] for theory's q_pred; None: no theory
     final_params: list[list[torch.Tensor]] = field(default_factory=list)  # per job [W1, b1, ...]
+    # Per job, a residual MLP's second-moment maps for theory's q_pred on its stream; empty: no theory
+    streams: list[theory.ResidualStream | None] = field(default_factory=list)
 
 
 def build_model(job: Job, data: tasks.TaskData) -> nn.Module:

@@ -34,7 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.job import Job
 from bench.schema import STATS
-from bench.train import activations, residual_inits, tasks
+from bench.train import activations, architectures, residual_inits, tasks
 from bench.train.bundle import (
     BundleOutput,
     TraceRow,
@@ -297,7 +297,8 @@ def _fit(jobs: list[Job], data: list[tasks.TaskData], built: list[nn.Module], *,
                         val_acc=val_acc.cpu().numpy(), grad_norm=grad_norm.cpu().numpy(), rows=rows,
                         row_stats=row_stats.cpu().numpy(), modules=cat, diverged_at=diverged_at,
                         init_loss=init_loss.cpu().numpy(), input_q=input_q.cpu().numpy(),
-                        null_loss=np.array([d.null_loss for d in data]), dims=None, final_params=final)
+                        null_loss=np.array([d.null_loss for d in data]), dims=None, final_params=final,
+                        streams=[architectures.stream_theory(m) for m in built])
 
 
 def _lr_scale(jobs: list[Job], built: list[nn.Module], bundle: _Bundle) -> torch.Tensor | None:
