@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from bench.job import Job
-from bench.train import inits, models, tasks
+from bench.train import inits, models, names, tasks
 
 _BUILDING = threading.Lock()
 
@@ -70,7 +70,7 @@ def build_model(job: Job, data: tasks.TaskData) -> nn.Module:
             ctx = inits.InitContext(activation=job.activation, params=dict(job.init_params),
                                     data=mlp_rows(data.x_train[first]), forward=models.preactivations)
         else:
-            settings = models.factory_settings(
+            settings = names.factory_settings(
                 job.arch, {"depth": job.depth, "width": job.width, "activation": job.activation,
                            **dict(job.model_params)}, [k for k, _ in job.model_params])
             model = models.build(job.arch, data.in_shape, data.out_dim, settings)
