@@ -402,7 +402,7 @@ def _dataclass_table(cls: type, table: dict[str, Any], name: str) -> Any:
         raise UserError(f"[runtime] backend = {values['backend']!r}: "
                         "choose from ['dask', 'loky', 'threading']")
     if name == "runtime" and "devices" in values and not _DEVICES.fullmatch(values["devices"].strip()):
-        # Only the syntax: whether cuda:N exists is checked where the sweep runs (dispatch.parse_devices);
+        # Only the syntax: whether cuda:N exists is checked where the sweep runs (planner.parse_devices);
         # without this the error would blame a '--devices' flag the user never gave.
         raise UserError(f"[runtime] devices = {values['devices']!r}: choose from 'auto', 'cpu', 'cuda' "
                         "or a list like 'cuda:0,cuda:1'")
