@@ -1,4 +1,4 @@
-"""Planning bundles, placing them on devices, and running them through joblib.
+"""Running planned bundles (:mod:`bench.planner`) through joblib, on their devices.
 
 This is the one place where work is dispatched: one ``Parallel(...)`` call,
 its configuration logged once, every returned value type-checked. Workers
@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import functools
 import logging
-import math
 import os
 import re
 import signal
@@ -22,7 +20,6 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 from joblib import Parallel, delayed, parallel_config
@@ -33,157 +30,16 @@ from bench import record
 from bench.environment import environment
 from bench.errors import UserError
 from bench.job import Job
+from bench.planner import Bundle
 from bench.record import JobResult
 from bench.settings import MetricsConfig
-from bench.train import functional, tasks
-from bench.train.bundle import build_model
-from bench.train.stacked import flops_per_step, train
+from bench.train import functional
+from bench.train.stacked import train
 
 log = logging.getLogger(__name__)
 BACKENDS = ("loky", "dask", "threading")
-# Below this many estimated training FLOPs a sweep runs in this process: starting a pool
-# of workers (each importing torch) costs seconds, more than such a sweep takes.
-IN_PROCESS_FLOPS = 2e11
 # Seconds a dask cluster may have no worker at all before the sweep gives up waiting for one.
 DASK_GRACE_S = float(os.environ.get("INITBENCH_DASK_GRACE_S", "60"))
-
-
-@dataclass(frozen=True)
-class Bundle:
-    """Jobs trained together as one stacked model on one device."""
-
-    jobs: tuple[Job, ...]
-    device: str = "cpu"
-
-    @property
-    def cost(self) -> float:
-        """Estimated training FLOPs (input and output widths approximated by the hidden width)."""
-        job = self.jobs[0]
-        if job.arch != "mlp":
-            return len(self.jobs) * job.steps * measured(job)[0]
-        return len(self.jobs) * job.steps * flops_per_step(job, job.width, job.width)
-
-
-def parse_devices(text: str, cuda_count: int | None = None) -> list[str]:
-    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:0,cuda:1`` -> device strings.
-
-    Args:
-        text: the ``--devices`` value.
-        cuda_count: visible CUDA devices (injectable for tests; default: torch's count).
-    """
-    count = torch.cuda.device_count() if cuda_count is None else cuda_count
-    text = text.strip()
-    if text == "auto":
-        return [f"cuda:{i}" for i in range(count)] or ["cpu"]
-    if text == "cpu":
-        return ["cpu"]
-    if text == "cuda":
-        if not count:
-            raise UserError("--devices cuda: no CUDA device is visible; choose from ['auto', 'cpu']")
-        return [f"cuda:{i}" for i in range(count)]
-    devices = []
-    for part in text.split(","):
-        part = part.strip()
-        prefix, _, index = part.partition(":")
-        if prefix != "cuda" or not index.isdigit():
-            raise UserError(f"--devices {text!r}: {part!r} is not a device; choose from "
-                            "'auto', 'cpu', 'cuda' or a list like 'cuda:0,cuda:1'")
-        if int(index) >= count:
-            visible = ["auto", "cpu", *(f"cuda:{i}" for i in range(count))]
-            raise UserError(f"--devices {text!r}: {part} does not exist ({count} CUDA devices visible); "
-                            f"choose from {visible}")
-        devices.append(f"cuda:{int(index)}")
-    return devices
-
-
-@functools.lru_cache(maxsize=256)
-def _measure(job: Job) -> tuple[float, float]:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    data = tasks.load(job.task, job.task_params, job.seed)
-    model = build_model(job, data)
-    kept = [0]
-
-    def count(module, args, out):
-        if isinstance(out, torch.Tensor) and not list(module.children()):
-            kept[0] += out.numel()
-
-    handles = [m.register_forward_hook(count) for m in model.modules()]
-    try:
-        with FlopCounterMode(display=False) as flops:
-            model(data.x_train[:job.batch_size])
-    finally:
-        for h in handles:
-            h.remove()
-    params = sum(p.numel() for p in model.parameters())
-    data_elems = sum(t.numel() for t in (data.x_train, data.y_train, data.x_val, data.y_val))
-    # Training: the forward, and a backward of about twice its cost. Memory: parameters with their
-    # gradient, optimizer state and probe copy, every leaf module's output and its gradient, the data.
-    return 3.0 * flops.get_total_flops(), 4.0 * (6 * params + 2 * kept[0] + data_elems)
-
-
-def measured(job: Job) -> tuple[float, float]:
-    """(training FLOPs of one step, training bytes) of one job of a non-MLP architecture, measured.
-
-    The model is built once per shape (cached) and run on one batch at plan time under
-    ``torch.utils.flop_counter.FlopCounterMode``; a model that fails to build counts as free (its
-    jobs then fail with their error when they run, one at a time).
-    """
-    shape = dataclasses.replace(job, seed=0, init="default", init_params=(), init_rules=(), rules="none",
-                                lr=0.01)
-    try:
-        return _measure(shape)
-    except Exception:  # noqa: BLE001 - the job reports its own error when it runs
-        return 0.0, 0.0
-
-
-def job_bytes(job: Job) -> float:
-    """Estimated training memory of one job in a bundle (float32): parameters with their gradient,
-    optimizer state and probe copy, the activations autograd keeps, and the job's data.
-
-    Input and output widths are approximated by the hidden width; the estimate is for sizing
-    bundles, not a promise. Other architectures are measured (:func:`measured`).
-    """
-    if job.arch != "mlp":
-        return max(measured(job)[1], 1.0)
-    params = job.depth * (job.width * job.width + job.width)
-    activations = 4 * job.batch_size * job.width * job.depth  # z, h and their gradients
-    data = 2 * 2048 * job.width  # a few thousand samples of train and val inputs
-    return 4.0 * (6 * params + activations + data)
-
-
-def plan(jobs: list[Job], devices: list[str], *, max_bundle: int = 64, memory_mb: float = 2048,
-         workers: int = 1) -> list[Bundle]:
-    """Group jobs that share a shape into bundles, balanced across devices by estimated cost.
-
-    A bundle holds at most ``max_bundle`` jobs and at most ``memory_mb`` of estimated training
-    memory (:func:`job_bytes`). Groups are split evenly (not greedily) so bundles of one shape
-    have equal sizes; when there are fewer bundles than workers, the largest are halved so that
-    every worker has work.
-    """
-    groups: dict[tuple, list[Job]] = {}
-    for job in jobs:
-        groups.setdefault(job.shape_key(), []).append(job)
-    chunks: list[list[Job]] = []
-    for group in groups.values():
-        fits = max(1, int(memory_mb * 2**20 // job_bytes(group[0])))
-        parts = math.ceil(len(group) / min(max_bundle, fits))
-        size = math.ceil(len(group) / parts)
-        chunks.extend(group[i: i + size] for i in range(0, len(group), size))
-    while chunks and len(chunks) < workers and max(len(c) for c in chunks) > 1:
-        chunks.sort(key=len)
-        big = chunks.pop()
-        chunks.extend([big[: len(big) // 2], big[len(big) // 2:]])
-    # Most expensive first, so the last bundles to finish are short ones; each goes to the device
-    # with the least estimated work so far (greedy longest-processing-time balancing).
-    bundles = sorted((Bundle(tuple(c)) for c in chunks), key=lambda b: -b.cost)
-    load = dict.fromkeys(devices, 0.0)
-    placed = []
-    for b in bundles:
-        device = min(devices, key=lambda d: load[d])
-        load[device] += b.cost
-        placed.append(Bundle(b.jobs, device))
-    return placed
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
@@ -253,35 +109,6 @@ def run_bundle(jobs: tuple[Job, ...], cfg: MetricsConfig, device: str, threads: 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
-
-
-def choose_workers(bundles: list[Bundle], devices: list[str], jobs: int = 0) -> int:
-    """Worker processes: ``jobs`` if given, else one per CUDA device, else one per core.
-
-    0 means in-process (no pool): a small sweep of built-in tasks would spend longer starting
-    workers than training, and a single worker would add start-up time and nothing else.
-    Sweeps that call user code (a task factory) always get worker processes, so that a crash
-    in that code is isolated and recorded instead of ending the sweep.
-    ``--jobs 1`` also trains in-process (joblib runs n_jobs=1 sequentially).
-    """
-    if not bundles:
-        return 0
-    if jobs:
-        return min(jobs, len(bundles)) if jobs > 1 else 0
-    user_code = any(":" in j.task for b in bundles for j in b.jobs)
-    if devices[0].startswith("cuda"):
-        return min(len(devices), len(bundles))
-    if user_code:
-        return max(2, min(os.cpu_count() or 1, len(bundles)))
-    cores = os.cpu_count() or 1
-    workers = min(cores, len(bundles))
-    # One worker would train the bundles in the same order as this process, with the same
-    # threads, after seconds of start-up. On two cores, two one-thread workers train no faster
-    # than this process with two threads (measured: the canonical sweep took 16.0 s with the
-    # pool and 14.3 s in-process, docs/performance.md); more cores than a bundle's operators
-    # use well is where a pool pays.
-    small = sum(b.cost for b in bundles) < IN_PROCESS_FLOPS
-    return 0 if workers == 1 or cores <= 2 or small else workers
 
 
 class WorkerCrash(Exception):

@@ -110,13 +110,12 @@ def run(spec_path: str | Path, options: RunOptions = RunOptions()) -> int:
 
 
 def _sweep(spec_path: str, args: RunOptions, stop: threading.Event) -> int:
-    from bench import dispatch, spec, store
-
+    from bench import planner, spec, store
 
     sweep = spec.load(spec_path)
     jobs = sweep.jobs()
     runtime = sweep.runtime
-    devices = dispatch.parse_devices(args.devices or runtime.devices)
+    devices = planner.parse_devices(args.devices or runtime.devices)
     backend = args.backend or runtime.backend
     out = Path(args.out) if args.out else default_out(sweep.name)
 
@@ -126,6 +125,7 @@ def _sweep(spec_path: str, args: RunOptions, stop: threading.Event) -> int:
               f"{workers or 'no'} worker processes; results -> {out}")
         return EXIT_OK
 
+    from bench import dispatch  # torch: only a sweep that trains needs it
 
     meta = {"spec_text": sweep.text, "spec_path": sweep.path, "spec_name": sweep.name,
             "axes": [axis_column(k) for k, _ in sweep.grid],
@@ -179,13 +179,13 @@ def _sweep(spec_path: str, args: RunOptions, stop: threading.Event) -> int:
 
 def _plan(jobs: list, devices: list[str], runtime, jobs_flag: int | None, backend: str) -> tuple[list, int]:
     """Bundles and worker count: the workers depend on the work, and the bundles on the workers."""
-    from bench import dispatch
+    from bench import planner
 
-    first = dispatch.plan(jobs, devices, max_bundle=runtime.max_bundle, memory_mb=runtime.memory_mb)
-    workers = dispatch.choose_workers(first, devices, jobs_flag or runtime.jobs)
+    first = planner.plan(jobs, devices, max_bundle=runtime.max_bundle, memory_mb=runtime.memory_mb)
+    workers = planner.choose_workers(first, devices, jobs_flag or runtime.jobs)
     if backend == "dask" and not workers and jobs:
         workers = 2  # a local dask cluster of two worker processes (an existing one uses all of its)
-    bundles = dispatch.plan(jobs, devices, max_bundle=runtime.max_bundle, memory_mb=runtime.memory_mb,
+    bundles = planner.plan(jobs, devices, max_bundle=runtime.max_bundle, memory_mb=runtime.memory_mb,
                             workers=max(workers, 1))
     return bundles, workers
 

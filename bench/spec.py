@@ -7,6 +7,11 @@ and a list of :class:`Job` and never reads raw dicts again.
 
 A job's id is a hash of its canonical settings, so the same configuration has
 the same id on every machine; resume and baselines rely on that.
+
+Names and settings are checked against the torch-free declarations (``bench.train.names``,
+``bench.train.schemes``), so reading a spec imports no torch, unless the spec needs it: a user's
+factory (``"pkg.module:fn"``) is imported to read its signature, and init rules are checked
+against a model's parameter names (:func:`_check_rules`).
 """
 
 from __future__ import annotations
@@ -22,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.errors import UserError, is_number
-from bench.job import Job
+from bench.job import Job, Rule
 from bench.policy import parse_table
 from bench.schema import hashed
 from bench.settings import MetricsConfig, RuntimeConfig
-from bench.train import activations, inits, models, tasks
+from bench.train import names, schemes
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -94,24 +99,24 @@ def _rules_name(where: str, value: Any) -> str:
 
 
 def _init_bias(where: str, value: Any) -> str | float:
-    if isinstance(value, str) and value in inits.BIAS_MODES:
+    if isinstance(value, str) and value in schemes.BIAS_MODES:
         return value
     if is_number(value):
         return float(value)
-    raise UserError(f"{where} = {value!r}: choose from {list(inits.BIAS_MODES)} or a number")
+    raise UserError(f"{where} = {value!r}: choose from {list(schemes.BIAS_MODES)} or a number")
 
 
 SETTINGS: dict[str, Setting] = {
     # [model]
-    "arch": Setting("model", _choice(models.names, allow_factory=True), "mlp"),
+    "arch": Setting("model", _choice(names.arch_names, allow_factory=True), "mlp"),
     "depth": Setting("model", _int(1), 4),
     "width": Setting("model", _int(1), 64),
-    "activation": Setting("model", _choice(lambda: sorted(activations.ACTIVATIONS)), "relu"),
-    "init": Setting("model", _choice(lambda: sorted(inits.INITS)), "default"),
+    "activation": Setting("model", _choice(lambda: sorted(names.ACTIVATIONS)), "relu"),
+    "init": Setting("model", _choice(lambda: sorted(schemes.SCHEMES)), "default"),
     "init_bias": Setting("model", _init_bias, "auto"),
     "rules": Setting("model", _rules_name, "none"),  # a named [init_rules.<name>] set, applied after init
     # [task]; its own settings (n_train, noise, ...) are checked by the task's registry entry
-    "task": Setting("task", _choice(lambda: sorted(tasks.TASKS), allow_factory=True), "teacher"),
+    "task": Setting("task", _choice(lambda: sorted(names.TASKS), allow_factory=True), "teacher"),
     # [train]
     "optimizer": Setting("train", _choice(lambda: list(OPTIMIZERS)), "sgd"),
     "lr": Setting("train", _float(0.0, strict=True), 0.01),
@@ -141,7 +146,7 @@ class Spec:
     text: str = ""
     # [regression]: watched metrics and tolerances, validated by bench.regress.parse_table
     regression: tuple[tuple[str, Any], ...] = ()
-    init_rules: tuple[tuple[str, tuple[inits.Rule, ...]], ...] = ()  # [init_rules.<name>] sets
+    init_rules: tuple[tuple[str, tuple[Rule, ...]], ...] = ()  # [init_rules.<name>] sets
 
     @property
     def fingerprint(self) -> str:
@@ -158,27 +163,27 @@ class Spec:
     def jobs(self) -> list[Job]:
         """Expand the grid (cartesian product) into jobs, de-duplicated by job id, in grid order."""
         fixed = dict(self.fixed)
-        schemes = dict(self.init_params)
-        names = [k for k, _ in self.grid]
+        init_params = dict(self.init_params)
+        axes = [k for k, _ in self.grid]
         seen: dict[str, Job] = {}
         for values in itertools.product(*(v for _, v in self.grid)):
-            settings = {**fixed, **dict(zip(names, values, strict=True))}
-            job = _make_job(settings, schemes, dict(self.init_rules))
+            settings = {**fixed, **dict(zip(axes, values, strict=True))}
+            job = _make_job(settings, init_params, dict(self.init_rules))
             seen.setdefault(job.job_id, job)
         return list(seen.values())
 
 
-def _make_job(settings: dict[str, Any], schemes: dict[str, tuple],
-              rule_sets: dict[str, tuple[inits.Rule, ...]]) -> Job:
+def _make_job(settings: dict[str, Any], init_params: dict[str, tuple],
+              rule_sets: dict[str, tuple[Rule, ...]]) -> Job:
     core = {k: settings[k] for k in SETTINGS}
-    scheme_params = dict(schemes.get(core["init"], ()))
+    scheme_params = dict(init_params.get(core["init"], ()))
     scheme_params.update({k.split(".", 2)[2]: v for k, v in settings.items()
                           if k.startswith(f"init_params.{core['init']}.")})
     task_params = {k[5:]: v for k, v in settings.items() if k.startswith("task.")}
     model_params = tuple(sorted((k[6:], v) for k, v in settings.items() if k.startswith("model.")))
     return Job(**core, init_rules=rule_sets.get(core["rules"], ()), model_params=model_params,
-               init_params=tuple(sorted(inits.resolve_params(core["init"], scheme_params).items())),
-               task_params=tuple(sorted(tasks.resolve_params(core["task"], task_params).items())))
+               init_params=tuple(sorted(schemes.resolve_params(core["init"], scheme_params).items())),
+               task_params=tuple(sorted(names.resolve_task_params(core["task"], task_params).items())))
 
 
 # --- loading -------------------------------------------------------------------
@@ -264,11 +269,12 @@ def _parse(raw: dict[str, Any], where: str, text: str) -> Spec:
 
     init_params: dict[str, dict[str, Any]] = {}
     for scheme, params in tables["init_params"].items():
-        if scheme not in inits.INITS:
-            raise UserError(f"[init_params.{scheme}]: unknown init scheme; choose from {sorted(inits.INITS)}")
+        if scheme not in schemes.SCHEMES:
+            raise UserError(f"[init_params.{scheme}]: unknown init scheme; "
+                            f"choose from {sorted(schemes.SCHEMES)}")
         if not isinstance(params, dict):
             raise UserError(f"[init_params] {scheme} = {params!r}: expected a table")
-        init_params[scheme] = {k: inits.check_param(scheme, k, v, f"[init_params.{scheme}] {k}")
+        init_params[scheme] = {k: schemes.check_param(scheme, k, v, f"[init_params.{scheme}] {k}")
                                for k, v in params.items()}
 
     rule_sets = _init_rules_table(tables["init_rules"])
@@ -298,26 +304,36 @@ def _parse(raw: dict[str, Any], where: str, text: str) -> Spec:
             continue
         if (job.arch, own, job.init, job.init_params) not in seen_factories:
             seen_factories.add((job.arch, own, job.init, job.init_params))
-            kwargs = models.factory_settings(job.arch, {"depth": job.depth, "width": job.width,
+            kwargs = names.factory_settings(job.arch, {"depth": job.depth, "width": job.width,
                                                         "activation": job.activation,
                                                         **dict(job.model_params)}, own)
             if dict(job.init_params).get("gain") == "activation" and "activation" not in kwargs:
                 raise UserError(f"[init_params.{job.init}] gain: {job.arch} takes no activation setting, "
                                 f"so init {job.init!r} has no activation gain to use; give one: "
                                 f"[init_params.{job.init}] gain = <number> (e.g. 1.414 for relu)")
-    checked = set()
-    for job in jobs:  # a rule that matches nothing is a typo: fail now, for the shapes known here
-        # A user factory's names are known only when it is built: its engine checks them there.
-        if job.init_rules and job.arch in models.ARCHS and (job.arch, job.depth, job.rules) not in checked:
-            checked.add((job.arch, job.depth, job.rules))
-            inits.check_rules(models.skeleton(job.arch, job.depth), job.init_rules,
-                              f"[init_rules.{job.rules}]")
+    _check_rules(jobs)
     return spec
 
 
-def _init_rules_table(table: dict[str, Any]) -> dict[str, tuple[inits.Rule, ...]]:
+def _check_rules(jobs: list[Job]) -> None:
+    """A rule that matches nothing is a typo: fail now, for the MLP's parameter names.
+
+    The names come from the model built on the meta device, so a spec with init rules imports
+    torch here (one without does not). A user factory's names are known only when it is built:
+    its engine checks them there.
+    """
+    todo = {(job.depth, job.rules): job.init_rules for job in jobs if job.init_rules and job.arch == "mlp"}
+    if not todo:
+        return
+    from bench.train import inits, models  # torch: only this check needs a model
+
+    for (depth, rules), init_rules in todo.items():
+        inits.check_rules(models.skeleton("mlp", depth), init_rules, f"[init_rules.{rules}]")
+
+
+def _init_rules_table(table: dict[str, Any]) -> dict[str, tuple[Rule, ...]]:
     """``[[init_rules.<name>]]`` arrays of tables (or ``[init_rules.<name>] rules = [...]``) -> rules."""
-    out: dict[str, tuple[inits.Rule, ...]] = {}
+    out: dict[str, tuple[Rule, ...]] = {}
     for name, rules in table.items():
         where = f"[init_rules.{name}]"
         if name == "none":
@@ -331,7 +347,7 @@ def _init_rules_table(table: dict[str, Any]) -> dict[str, tuple[inits.Rule, ...]
         if not isinstance(rules, list) or not rules:
             raise UserError(f"{where} = {rules!r}: expected a non-empty list of rule tables, "
                             "e.g. [[init_rules.zero_head]] match = \"head.weight\" value = 0.0")
-        out[name] = tuple(inits.parse_rule(r, f"{where} rule {i}") for i, r in enumerate(rules, 1))
+        out[name] = tuple(schemes.parse_rule(r, f"{where} rule {i}") for i, r in enumerate(rules, 1))
     return out
 
 
@@ -357,10 +373,10 @@ def _check_axis(key: str, value: Any, grid: Mapping[str, Any]) -> Any:
         return value  # checked by the task's registry entry / the model's factory once jobs are expanded
     if key.startswith("init_params."):
         parts = key.split(".")
-        if len(parts) != 3 or parts[1] not in inits.INITS:
+        if len(parts) != 3 or parts[1] not in schemes.SCHEMES:
             raise UserError(f"{where}: expected 'init_params.<scheme>.<param>' with scheme in "
-                            f"{sorted(inits.INITS)}")
-        return inits.check_param(parts[1], parts[2], value, where)
+                            f"{sorted(schemes.SCHEMES)}")
+        return schemes.check_param(parts[1], parts[2], value, where)
     raise UserError(f"unknown key [grid] {key!r}; choose from {sorted(SETTINGS)}, "
                     "'task.<param>', 'model.<param>' or 'init_params.<scheme>.<param>'")
 
@@ -386,7 +402,7 @@ def _dataclass_table(cls: type, table: dict[str, Any], name: str) -> Any:
         raise UserError(f"[runtime] backend = {values['backend']!r}: "
                         "choose from ['dask', 'loky', 'threading']")
     if name == "runtime" and "devices" in values and not _DEVICES.fullmatch(values["devices"].strip()):
-        # Only the syntax: whether cuda:N exists is checked where the sweep runs (dispatch.parse_devices);
+        # Only the syntax: whether cuda:N exists is checked where the sweep runs (planner.parse_devices);
         # without this the error would blame a '--devices' flag the user never gave.
         raise UserError(f"[runtime] devices = {values['devices']!r}: choose from 'auto', 'cpu', 'cuda' "
                         "or a list like 'cuda:0,cuda:1'")

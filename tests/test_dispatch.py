@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from bench import dispatch, spec
+from bench import dispatch, planner, spec
 from tests.conftest import QUIET_ENV, ROOT
 
 MIXED = """
@@ -38,19 +38,19 @@ batch_size = 16
 ])
 def test_worker_count_follows_cost_bundles_cores_and_user_code(monkeypatch, cores, spec_text, user_code,
                                                                expected):
-    monkeypatch.setattr(dispatch.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(planner.os, "cpu_count", lambda: cores)
     jobs = spec.parse(spec_text).jobs()
     if user_code:  # as a spec naming a factory "module:function" would give (not imported here)
         jobs = [dataclasses.replace(job, task="factories:exits") for job in jobs]
-    bundles = dispatch.plan(jobs, ["cpu"])
-    assert dispatch.choose_workers(bundles, ["cpu"]) == expected
+    bundles = planner.plan(jobs, ["cpu"])
+    assert planner.choose_workers(bundles, ["cpu"]) == expected
 
 
 def test_bundles_trained_by_concurrent_threads_match_bundles_trained_one_after_another():
     # Models are built from the process's global RNG (seeded per job): threads building at the
     # same time must not draw from each other's streams.
     parsed = spec.parse(MIXED)
-    bundles = dispatch.plan(parsed.jobs(), ["cpu"], max_bundle=1)
+    bundles = planner.plan(parsed.jobs(), ["cpu"], max_bundle=1)
     alone = {r.job_id: r for r in dispatch.execute(bundles, parsed.metrics, workers=0)}
     for _ in range(3):
         run = dispatch.execute(bundles, parsed.metrics, workers=4, backend="threading")

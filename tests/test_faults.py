@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import bench
-from bench import dispatch, spec
+from bench import planner, spec
 from bench.errors import UserError
 from tests.conftest import QUIET_ENV, ROOT, run_cli, wait_rows
 
@@ -176,25 +176,25 @@ def test_a_corrupt_or_foreign_store_is_refused_not_overwritten(tiny_spec, tmp_pa
 
 
 def test_device_lists_are_parsed_against_the_visible_devices():
-    assert dispatch.parse_devices("auto", cuda_count=0) == ["cpu"]
-    assert dispatch.parse_devices("auto", cuda_count=2) == ["cuda:0", "cuda:1"]
-    assert dispatch.parse_devices("cuda", cuda_count=3) == ["cuda:0", "cuda:1", "cuda:2"]
-    assert dispatch.parse_devices("cuda:1, cuda:0", cuda_count=2) == ["cuda:1", "cuda:0"]
-    assert dispatch.parse_devices("cpu", cuda_count=4) == ["cpu"]
+    assert planner.parse_devices("auto", cuda_count=0) == ["cpu"]
+    assert planner.parse_devices("auto", cuda_count=2) == ["cuda:0", "cuda:1"]
+    assert planner.parse_devices("cuda", cuda_count=3) == ["cuda:0", "cuda:1", "cuda:2"]
+    assert planner.parse_devices("cuda:1, cuda:0", cuda_count=2) == ["cuda:1", "cuda:0"]
+    assert planner.parse_devices("cpu", cuda_count=4) == ["cpu"]
     for bad, count in (("cuda", 0), ("cuda:2", 2), ("tpu", 1), ("cuda:x", 1)):
         with pytest.raises(UserError):
-            dispatch.parse_devices(bad, cuda_count=count)
+            planner.parse_devices(bad, cuda_count=count)
 
 
 def test_bundles_are_balanced_across_devices_by_estimated_cost():
     jobs = spec.parse('[grid]\ndepth = [2, 4, 8, 16]\nseed = [0, 1, 2, 3]\nwidth = [32, 64]\n'
                       '[train]\nsteps = 10\n').jobs()
     devices = ["cuda:0", "cuda:1", "cuda:2"]
-    bundles = dispatch.plan(jobs, devices, max_bundle=4)
+    bundles = planner.plan(jobs, devices, max_bundle=4)
     assert sorted(j.job_id for b in bundles for j in b.jobs) == sorted(j.job_id for j in jobs)
     load = {d: sum(b.cost for b in bundles if b.device == d) for d in devices}
     biggest = max(b.cost for b in bundles)
     # Greedy LPT: no device exceeds another by more than the largest bundle.
     assert max(load.values()) - min(load.values()) <= biggest
     assert all(len({j.shape_key() for j in b.jobs}) == 1 for b in bundles)
-    assert dispatch.choose_workers(bundles, devices) == 3
+    assert planner.choose_workers(bundles, devices) == 3

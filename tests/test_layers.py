@@ -31,7 +31,7 @@ LAYERS = {
     "job": ["bench.job"],
     "train": ["bench.train"],
     "spec": ["bench.spec"],
-    "results": ["bench.dispatch", "bench.record", "bench.metrics", "bench.store"],
+    "results": ["bench.planner", "bench.dispatch", "bench.record", "bench.metrics", "bench.store"],
     "library": ["bench.report", "bench.verdict", "bench.baseline", "bench.runner", "bench.export",
                 "bench.advice",
                 "bench.plot", "bench.reproductions", "bench.tutorial", "bench.audit"],
@@ -167,3 +167,71 @@ def test_readers_do_not_import_torch(tmp_path, tiny_spec):
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("torch-free")
+
+
+SPECS = """
+import sys
+from bench import spec
+for path in sys.argv[1:]:
+    spec.load(path).jobs()
+imported = [m for m in ("torch", "scipy") if m in sys.modules]
+assert not imported, f"reading the specs imported {imported}"
+print("torch-free")
+"""
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("quick", "quick: 32 jobs in 2 bundles on cpu, no worker processes; results -> reports/quick"),
+    ("init", "init: 240 jobs in "),  # the bundles and workers depend on this machine's cores
+])
+def test_dry_run_imports_neither_torch_nor_scipy(name, expected):
+    """``python -m bench.sweep SPEC --dry-run`` of an MLP spec: torch-free declarations, arithmetic plan.
+
+    Another arch's plan measures its model (bench.planner.measured), and a spec with init rules
+    builds one: those import torch because they need it.
+    """
+    from bench import planner
+
+    # With a GPU driver present only torch can count the devices, so ask for the CPU.
+    devices = ["--devices", "cpu"] if planner._gpu_driver() else []
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "bench.sweep", f"sweeps/{name}.toml",
+                           "--dry-run", *devices], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(expected)
+    imported = [line for line in done.stderr.splitlines() if line.endswith((" torch", " scipy"))]
+    assert imported == []
+
+
+def test_every_shipped_spec_reads_without_torch():
+    """Every shipped spec, whatever its arch or task, is read, checked and expanded into jobs torch-free."""
+    specs = sorted(str(p) for p in (ROOT / "sweeps").glob("*.toml"))
+    done = subprocess.run([sys.executable, "-c", SPECS, *specs], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "torch-free"
+
+def test_the_declarations_and_the_torch_registries_name_the_same_things():
+    """Each torch registry is keyed by exactly the names its torch-free declaration gives the spec."""
+    import inspect
+
+    from bench.train import activations, architectures, inits, models, names, residual_inits, schemes, tasks
+
+    assert set(inits.INITS) == set(schemes.SCHEMES)
+    assert set(inits.PER_TENSOR) == {n for n, d in schemes.SCHEMES.items() if d.per_tensor}
+    assert set(inits.WHOLE_MODEL) == {n for n, d in schemes.SCHEMES.items() if not d.per_tensor}
+    for name, entry in residual_inits.RESIDUAL_INITS.items():  # a residual scheme's own parameters
+        if name in schemes.SCHEMES:
+            declared = {k: v for k, v in schemes.SCHEMES[name].params.items() if k != "base_width"}
+            assert declared == entry.params, name
+    assert set(names.ACTIVATIONS) == set(activations.ACTIVATIONS)
+    assert set(names.ARCHS) == set(models.ARCHS) | set(architectures.ARCHITECTURES)
+    for name, fn in architectures.ARCHITECTURES.items():  # a built-in's settings are its signature
+        params = inspect.signature(fn).parameters
+        assert list(params)[:2] == ["in_shape", "out_dim"]
+        assert {k: p.default for k, p in list(params.items())[2:]} == names.ARCHS[name], name
+        assert list(params)[2:] == list(names.ARCHS[name]), name
+    assert set(names.TASKS) == set(tasks.TASKS)
+    for name, loader in tasks.TASKS.items():
+        params = inspect.signature(loader).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            assert set(params) - {"seed"} == {*names.TASKS[name].params, *names.TASKS[name].added}, name

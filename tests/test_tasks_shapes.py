@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from bench import spec
 from bench.errors import UserError
-from bench.train import bundle, markov, tasks
+from bench.train import bundle, markov, names, tasks
 from bench.train import stacked as engine
 
 torch.set_num_threads(1)
@@ -29,7 +29,7 @@ def images(seed, n_train=48):
 
 
 def params(name: str, **given) -> tuple:
-    return tuple(sorted(tasks.resolve_params(name, given).items()))
+    return tuple(sorted(names.resolve_task_params(name, given).items()))
 
 
 def split(x: torch.Tensor, y: torch.Tensor, n_val: int = 4) -> tuple:
@@ -101,7 +101,7 @@ def test_null_loss_of_token_targets_is_the_entropy_of_their_frequencies():
 
 
 def test_markov_loads_through_tasks_with_its_vocabulary_and_loss_floor():
-    assert tasks.resolve_params("markov", {}) == markov.DEFAULTS
+    assert names.resolve_task_params("markov", {}) == markov.DEFAULTS
     data = tasks.load("markov", params("markov", seq_len=12, n_train=32, n_val=8), 3)
     assert data.x_train.shape == data.y_train.shape == (32, 12) and data.x_val.shape == (8, 12)
     assert data.x_train.dtype == data.y_train.dtype == torch.int64
@@ -124,7 +124,7 @@ def test_markov_loads_through_tasks_with_its_vocabulary_and_loss_floor():
 ])
 def test_markov_settings_are_checked_when_the_spec_is_read(given, message):
     with pytest.raises(UserError, match=re.escape(message)):
-        tasks.resolve_params("markov", given)
+        names.resolve_task_params("markov", given)
     text = 'name = "t"\n[task]\nname = "markov"\n' + "".join(f"{k} = {v}\n" for k, v in given.items())
     with pytest.raises(UserError, match=re.escape(message)):
         spec.parse(text, "<t>")
@@ -169,7 +169,7 @@ def test_the_images_setting_keeps_todays_job_ids():
     assert params("digits", images=False) == params("digits") == (("n_val", 297), ("split_seed", 0))
     assert ("images", True) in params("digits", images=True)
     with pytest.raises(UserError, match=re.escape("[task] images = 1: expected true or false")):
-        tasks.resolve_params("digits", {"images": 1})
+        names.resolve_task_params("digits", {"images": 1})
 
 
 X, Y = torch.randn(20, 3), torch.arange(20) % 3

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from bench import theory
 from bench.job import Job
-from bench.train import inits, models, tasks
+from bench.train import inits, models, names, tasks
 
 _BUILDING = threading.Lock()
 
@@ -74,7 +74,7 @@ def build_model(job: Job, data: tasks.TaskData) -> nn.Module:
                                     data=mlp_rows(data.x_train[first]), forward=models.preactivations,
                                     width=job.width)
         else:
-            settings = models.factory_settings(
+            settings = names.factory_settings(
                 job.arch, {"depth": job.depth, "width": job.width, "activation": job.activation,
                            **dict(job.model_params)}, [k for k, _ in job.model_params])
             model = models.build(job.arch, data.in_shape, data.out_dim, settings)

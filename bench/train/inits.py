@@ -24,6 +24,10 @@ Conventions (see README "Init schemes"):
 - Named schemes zero the biases unless ``init_bias`` says otherwise.
 - Init rules (:class:`Rule`) run last, in order: a glob over dotted parameter names and a
   scheme, a scale or a constant.
+
+Each scheme's name, parameters and defaults, and the rule syntax, are declared without torch in
+:mod:`bench.train.schemes` (what a spec is checked against); :data:`INITS` pairs each declared
+name with its implementation here. Adding a scheme: declare it there, implement it here.
 """
 
 from __future__ import annotations
@@ -37,11 +41,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.errors import UserError, is_number
+from bench.errors import UserError
 from bench.job import Rule
-from bench.train import activations, residual_inits
+from bench.train import activations, residual_inits, schemes
+from bench.train.schemes import BIAS_MODES, check_param, parse_rule, resolve_params  # noqa: F401 (the API)
 
-BIAS_MODES = ("auto", "zeros", "default")
 # Norm layers whose affine pair every named scheme sets to (1, 0), as their constructors do.
 NORMS: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
                                       *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
@@ -81,17 +85,12 @@ class InitContext:
     scheme: str = ""  # the scheme being applied, for messages (set by apply)
 
 
-@dataclass(frozen=True)
-class Scheme:
-    """A registry entry: how to initialize, its parameters' defaults, whether biases are zeroed."""
+@dataclass(frozen=True, kw_only=True)
+class Scheme(schemes.Declared):
+    """A registry entry: a scheme's declaration (:data:`bench.train.schemes.SCHEMES`) and its code."""
 
     apply: Callable[[nn.Module, InitContext], None]
-    params: dict[str, Any]
-    named: bool = True  # named schemes zero biases under init_bias = "auto"
-    data_dependent: bool = False  # reads ctx.data: biases are set before it runs, not after
     tensor: Callable[[torch.Tensor, InitContext], None] | None = None  # the per-tensor form, if any
-    fans: bool = True  # the per-tensor form reads the fans: it needs a tensor of >= 2 dims
-    doc: str = ""
 
 
 @dataclass(frozen=True)
@@ -315,24 +314,6 @@ def _lsuv(model: nn.Module, ctx: InitContext) -> None:
                 b.copy_(buffers[name])
 
 
-INITS: dict[str, Scheme] = {
-    "default": Scheme(_default, {}, named=False, doc="each module's own reset_parameters()"),
-    "kaiming_uniform": Scheme(_per_tensor(kaiming_uniform_), {"gain": "activation", "mode": "fan_in"},
-                              tensor=kaiming_uniform_),
-    "kaiming_normal": Scheme(_per_tensor(kaiming_normal_), {"gain": "activation", "mode": "fan_in"},
-                             tensor=kaiming_normal_),
-    "xavier_uniform": Scheme(_per_tensor(xavier_uniform_), {"gain": 1.0}, tensor=xavier_uniform_),
-    "xavier_normal": Scheme(_per_tensor(xavier_normal_), {"gain": 1.0}, tensor=xavier_normal_),
-    "orthogonal": Scheme(_per_tensor(orthogonal_), {"gain": 1.0}, tensor=orthogonal_),
-    "zeros": Scheme(_per_tensor(zeros_), {}, tensor=zeros_, fans=False),
-    "scaled_normal": Scheme(_per_tensor(scaled_normal_), {"std": 0.02}, tensor=scaled_normal_, fans=False),
-    "trunc_normal": Scheme(_per_tensor(trunc_normal_), {"std": 0.02, "a": -2.0, "b": 2.0},
-                           tensor=trunc_normal_, fans=False),
-    "mean_field": Scheme(_per_tensor(mean_field_), {"sigma_w2": 2.0, "sigma_b2": 0.0}, tensor=mean_field_),
-    "lsuv": Scheme(_lsuv, {"tol": 0.1, "max_iter": 10}, data_dependent=True),
-}
-
-
 def _residual(name: str) -> Callable[[nn.Module, InitContext], None]:
     """A residual-aware scheme of bench.train.residual_inits as a registry entry."""
     def apply(model: nn.Module, ctx: InitContext) -> None:
@@ -340,16 +321,6 @@ def _residual(name: str) -> Callable[[nn.Module, InitContext], None]:
         scheme.apply(model, activation=ctx.activation or "relu", **ctx.params)
 
     return apply
-
-
-# Schemes for residual nets and transformers (bench.train.residual_inits): they find the residual
-# branches through the block convention (architectures.py) and set every bias and norm themselves,
-# so init_bias does not apply to them. small_init and mup need the model's width and base shapes:
-# their entries follow.
-for _name in ("zero_residual", "fixup", "skipinit", "rezero", "gpt2"):
-    _entry = residual_inits.RESIDUAL_INITS[_name]
-    INITS[_name] = Scheme(_residual(_name), dict(_entry.params), named=False,
-                          doc=(_entry.apply.__doc__ or "").strip().splitlines()[0])
 
 
 def _small_init(model: nn.Module, ctx: InitContext) -> None:
@@ -362,11 +333,6 @@ def _small_init(model: nn.Module, ctx: InitContext) -> None:
                             "model has no width setting; give one: [init_params.small_init] d = <width>")
         d = ctx.width
     residual_inits.small_init_(model, width=int(d), activation=ctx.activation or "relu")
-
-
-# small_init sets every bias (0) and norm (1/0) itself, as the residual schemes do: named=False.
-INITS["small_init"] = Scheme(_small_init, {"d": "width"}, named=False,
-                             doc="every Linear/Conv/Embedding weight N(0, 2 / (5 d)), d = the model width")
 
 
 def _mup(model: nn.Module, ctx: InitContext) -> None:
@@ -384,8 +350,39 @@ def _mup(model: nn.Module, ctx: InitContext) -> None:
     model.mup_base_shapes = shapes
 
 
-INITS["mup"] = Scheme(_mup, {"base_width": 32, **residual_inits.RESIDUAL_INITS["mup"].params}, named=False,
-                      doc="maximal-update parametrization (with its per-parameter learning rates)")
+# The implementations, keyed by the names bench.train.schemes.SCHEMES declares (with their parameters):
+# a scheme declared per_tensor is its (tensor, ctx) function, applied to every weight; any other one
+# initializes the whole model. tests/test_layers.py asserts these hold exactly the declared names.
+PER_TENSOR: dict[str, Callable[[torch.Tensor, InitContext], None]] = {
+    "kaiming_uniform": kaiming_uniform_,
+    "kaiming_normal": kaiming_normal_,
+    "xavier_uniform": xavier_uniform_,
+    "xavier_normal": xavier_normal_,
+    "orthogonal": orthogonal_,
+    "zeros": zeros_,
+    "scaled_normal": scaled_normal_,
+    "trunc_normal": trunc_normal_,
+    "mean_field": mean_field_,
+}
+WHOLE_MODEL: dict[str, Callable[[nn.Module, InitContext], None]] = {
+    "default": _default,
+    "lsuv": _lsuv,
+    # Schemes for residual nets and transformers: they find the residual branches through the block
+    # convention (architectures.py) and set every bias and norm themselves.
+    **{name: _residual(name) for name in ("zero_residual", "fixup", "skipinit", "rezero", "gpt2")},
+    "small_init": _small_init,  # sets every bias (0) and norm (1/0) itself, as the residual schemes do
+    "mup": _mup,
+}
+
+
+def _entry(name: str, declared: schemes.Declared) -> Scheme:
+    if declared.per_tensor:
+        fn = PER_TENSOR[name]
+        return Scheme(**vars(declared), apply=_per_tensor(fn), tensor=fn)
+    return Scheme(**vars(declared), apply=WHOLE_MODEL[name])
+
+
+INITS: dict[str, Scheme] = {name: _entry(name, d) for name, d in schemes.SCHEMES.items()}
 
 
 def scheme(name: str) -> Scheme:
@@ -394,87 +391,6 @@ def scheme(name: str) -> Scheme:
         return INITS[name]
     except KeyError:
         raise UserError(f"unknown init {name!r}; choose from {sorted(INITS)}") from None
-
-
-def check_param(name: str, key: str, value: Any, where: str) -> Any:
-    """Validate one scheme parameter from a spec."""
-    defaults = scheme(name).params
-    if key not in defaults:
-        raise UserError(f"{where}: unknown key {key!r} for init {name!r}; choose from {sorted(defaults)}")
-    if key == "gain" and value == "activation":
-        return value
-    if key == "d":  # small_init's model width: "width" (the job's) or a positive integer
-        if value == "width":
-            return value
-        if not is_number(value) or value != int(value) or value < 1:
-            raise UserError(f"{where} = {value!r}: expected an integer >= 1 or 'width' (the model's)")
-        return int(value)
-    if key == "mode":
-        if value not in ("fan_in", "fan_out"):
-            raise UserError(f"{where} = {value!r}: choose from ['fan_in', 'fan_out']")
-        return value
-    if not is_number(value):
-        extra = " or 'activation'" if key == "gain" else ""
-        raise UserError(f"{where} = {value!r}: expected a number{extra}")
-    if key in ("a", "b"):  # truncation bounds, in units of std: any sign
-        return float(value)
-    if key == "max_iter" and value != int(value):  # int() would silently truncate 2.5 to 2
-        raise UserError(f"{where} = {value!r}: expected an integer >= 1")
-    positive = key in ("std", "tol", "max_iter")
-    if value < 0 or (value == 0 and positive):
-        raise UserError(f"{where} = {value!r}: must be {'>' if positive else '>='} 0")
-    return int(value) if key == "max_iter" else float(value)
-
-
-def resolve_params(name: str, given: dict[str, Any]) -> dict[str, Any]:
-    """A scheme's full parameter set: its defaults overlaid with what the spec gives."""
-    params = {**scheme(name).params, **given}
-    if name == "trunc_normal" and not params["a"] < params["b"]:
-        raise UserError(f"init 'trunc_normal': a = {params['a']!r} must be below b = {params['b']!r} "
-                        "(bounds in units of std, e.g. a = -2, b = 2)")
-    return params
-
-
-# --- init rules by parameter name ---------------------------------------------------------------
-RULE_KEYS = ("match", "init", "scale", "value")
-
-
-def rule_schemes() -> list[str]:
-    """The schemes a rule may name: those that initialize one tensor at a time."""
-    return sorted(n for n, s in INITS.items() if s.tensor is not None)
-
-
-def parse_rule(raw: Any, where: str) -> Rule:
-    """Validate one rule table from a spec; every problem is a UserError naming ``where``."""
-    if not isinstance(raw, dict):
-        raise UserError(f"{where} = {raw!r}: expected a table like {{match = \"head.weight\", value = 0.0}}")
-    name = raw.get("init")
-    if "init" in raw and name not in rule_schemes():
-        raise UserError(f"{where}: init = {name!r}: unknown or not per-parameter; "
-                        f"choose from {rule_schemes()}")
-    own = INITS[name].params if "init" in raw else {}
-    for key in raw:
-        if key not in RULE_KEYS and key not in own:
-            extra = f" or {name!r}'s parameters {sorted(own)}" if own else ""
-            raise UserError(f"{where}: unknown key {key!r}; choose from {list(RULE_KEYS)}{extra}")
-    match = raw.get("match")
-    if not isinstance(match, str) or not match:
-        raise UserError(f"{where}: match = {match!r}: expected a glob over parameter names, "
-                        "e.g. \"head.weight\" or \"blocks.*.fc2.weight\"")
-    actions = [k for k in ("init", "scale", "value") if k in raw]
-    if len(actions) != 1:
-        raise UserError(f"{where}: give exactly one of 'init', 'scale' or 'value', got {actions or 'none'}")
-    if "init" in raw:
-        given = {k: check_param(name, k, v, f"{where} {k}") for k, v in raw.items() if k in own}
-        try:
-            params = resolve_params(name, given)
-        except UserError as err:
-            raise UserError(f"{where}: {err}") from None
-        return Rule(match, init=name, params=tuple(sorted(params.items())))
-    action = actions[0]
-    if not is_number(raw[action]):
-        raise UserError(f"{where}: {action} = {raw[action]!r}: expected a finite number")
-    return Rule(match, **{action: float(raw[action])})
 
 
 def check_rules(model: nn.Module, rules: Sequence[Rule], where: str = "init rules") -> None:

@@ -8,8 +8,9 @@ learns only token frequencies.
 
 ``bench.train.tasks.TASKS["markov"]`` serves it: x and y (N, T) int64, the vocabulary and
 the loss floor (:meth:`Chain.loss_floor`) declared, so ``TaskData.classes`` is ``vocab`` and
-``TaskData.loss_floor`` the floor. This module stays standalone: it knows the chain, not the
-registry (which imports it).
+``TaskData.loss_floor`` the floor. Its settings, their defaults and their check are declared
+without torch in :mod:`bench.train.names` (the spec reads them there); this module knows the
+chain, not the registry (which imports it).
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bench.errors import UserError
+from bench.train import names
 from bench.train.seeds import derive_seed
 
-DEFAULTS = {"vocab": 16, "order": 1, "seq_len": 32, "chain_seed": 0, "n_train": 1024, "n_val": 256,
-            "concentration": 0.3}
+DEFAULTS = names.TASKS["markov"].params  # declared (with their check) where a spec reads them, without torch
 
 
 @dataclass(frozen=True)
@@ -97,13 +97,10 @@ class Chain:
 
 
 def chain(*, vocab: int, order: int, chain_seed: int, concentration: float) -> Chain:
-    """The task's fixed chain: every context's row ~ Dirichlet(concentration * 1_V), from ``chain_seed``."""
-    if order not in (1, 2):
-        raise UserError(f"[task] order = {order!r} for task 'markov': choose from [1, 2]")
-    if vocab < 2:
-        raise UserError(f"[task] vocab = {vocab!r} for task 'markov': expected an integer >= 2")
-    if not concentration > 0:
-        raise UserError(f"[task] concentration = {concentration!r} for task 'markov': must be > 0")
+    """The task's fixed chain: every context's row ~ Dirichlet(concentration * 1_V), from ``chain_seed``.
+
+    The settings are taken as checked (:func:`check`).
+    """
     rng = np.random.default_rng(chain_seed)
     rows = rng.dirichlet(np.full(vocab, float(concentration)), size=vocab ** order)
     # Dirichlet draws with small concentration can underflow to exact zeros; a floor keeps
@@ -129,9 +126,8 @@ def markov(seed: int, *, vocab: int, order: int, seq_len: int, chain_seed: int, 
 
 def check(*, vocab: int, order: int, seq_len: int, chain_seed: int, concentration: float,
           **_: object) -> Chain:
-    """The settings' chain, or a UserError naming the bad setting (the spec calls it before any job runs)."""
-    if seq_len < order:
-        raise UserError(f"[task] seq_len = {seq_len} for task 'markov' must be >= order = {order}")
+    """The settings' chain, or a UserError naming the bad setting (:func:`bench.train.names.check_markov`)."""
+    names.check_markov(vocab=vocab, order=order, seq_len=seq_len, concentration=concentration)
     return chain(vocab=vocab, order=order, chain_seed=chain_seed, concentration=concentration)
 
 

@@ -8,8 +8,7 @@ the functional form of the same activation.
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,18 +16,14 @@ from torch import nn
 
 from bench import factories
 from bench.errors import UserError
-from bench.train import activations, architectures
+from bench.train import activations, architectures, names
+from bench.train.names import layer_dims
 
 
 def activation(name: str) -> tuple[Callable[[], nn.Module], Callable[[torch.Tensor], torch.Tensor]]:
     """(module factory, functional form) of an activation; unknown names fail loudly with the choices."""
     act = activations.get(name)
     return act.module, act.fn
-
-
-def layer_dims(d_in: int, d_out: int, depth: int, width: int) -> list[int]:
-    """Widths of an MLP with ``depth`` linear layers: [d_in, width x (depth - 1), d_out]."""
-    return [d_in, *([width] * (depth - 1)), d_out]
 
 
 def mlp(d_in: int, d_out: int, depth: int, width: int, act: str) -> nn.Sequential:
@@ -66,13 +61,6 @@ def skeleton(arch: str, depth: int) -> nn.Module:
 # The MLP, trained by the hand-stacked engine (bench.train.stacked); every other architecture, built-in
 # (bench.train.architectures) or a user's "pkg.module:fn", by the engine for any module (functional).
 ARCHS: dict[str, Callable[..., nn.Sequential]] = {"mlp": mlp}
-# Settings every architecture may take from [model] (passed when its factory accepts them).
-COMMON = ("depth", "width", "activation")
-
-
-def names() -> list[str]:
-    """Every built-in architecture's name."""
-    return sorted({*ARCHS, *architectures.ARCHITECTURES})
 
 
 def factory(arch: str) -> Callable[..., nn.Module]:
@@ -81,43 +69,7 @@ def factory(arch: str) -> Callable[..., nn.Module]:
         return architectures.ARCHITECTURES[arch]
     if factories.is_factory(arch):
         return factories.load(arch, "[model] arch")
-    raise UserError(f"arch = {arch!r}: unknown; choose from {names()} or 'pkg.module:function'")
-
-
-def factory_settings(arch: str, given: dict[str, Any], own: Iterable[str]) -> dict[str, Any]:
-    """The keyword arguments a factory gets: ``given`` (depth, width, activation and the model's own
-    settings), checked against its signature.
-
-    ``own`` names the settings the spec gave as the model's own ([model] keys or ``model.<name>``
-    axes): each must be accepted. The common ones (``COMMON``) are passed when accepted.
-
-    Raises:
-        UserError: an own setting the factory does not take, or a required keyword it is not given;
-            one line naming the setting and what the factory accepts.
-    """
-    fn = factory(arch)
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return dict(given)
-    params = sig.parameters
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    accepted = [n for n, p in params.items() if n not in ("in_shape", "out_dim")
-                and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    for name in own:
-        if name not in accepted and not takes_any:
-            raise UserError(f"[model] {name}: {arch} does not take a setting {name!r}; it accepts {accepted}")
-    for name in ("in_shape", "out_dim"):
-        if name not in params and not takes_any:
-            raise UserError(f"arch = {arch!r}: a model factory is called as fn(in_shape=..., out_dim=..., "
-                            f"**settings); this one accepts {list(params)}")
-    kwargs = {k: v for k, v in given.items() if k in accepted or takes_any or k not in COMMON}
-    missing = [n for n, p in params.items() if n not in ("in_shape", "out_dim") and p.default is p.empty
-               and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in kwargs]
-    if missing:
-        raise UserError(f"[model] {missing[0]}: {arch} needs a setting {missing[0]!r} (give it in [model] "
-                        f"or as a 'model.{missing[0]}' axis); it accepts {accepted}")
-    return kwargs
+    raise UserError(f"arch = {arch!r}: unknown; choose from {names.arch_names()} or 'pkg.module:function'")
 
 
 def build(arch: str, in_shape: tuple[int, ...], out_dim: int, settings: dict[str, Any]) -> nn.Module:

@@ -199,8 +199,3 @@ def param_count(job: Job, d_in: int, d_out: int) -> int:
     dims = models.layer_dims(d_in, d_out, job.depth, job.width)
     return sum(a * b + b for a, b in zip(dims, dims[1:]))
 
-
-def flops_per_step(job: Job, d_in: int, d_out: int) -> float:
-    """Approximate training FLOPs of one step of one job: 6 x batch x weights (fwd + 2 bwd matmuls)."""
-    dims = models.layer_dims(d_in, d_out, job.depth, job.width)
-    return 6.0 * job.batch_size * sum(a * b for a, b in zip(dims, dims[1:]))

@@ -15,13 +15,13 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from bench import factories
-from bench.errors import UserError, is_number
+from bench.errors import is_number
 from bench.train import markov as markov_task
 from bench.train.seeds import derive_seed
 
@@ -169,78 +169,20 @@ def markov(seed: int, **settings: Any) -> tuple:
             {"classes": settings["vocab"], "loss_floor": chain.loss_floor(settings["seq_len"])})
 
 
-@dataclass(frozen=True)
-class Task:
-    """A registry entry: the loader and its settings' defaults (unknown settings are errors).
-
-    ``added``: settings added after job ids were published. At their default they are left out
-    of the resolved settings (so out of job ids and bundle keys): every id made before stays valid,
-    and the loader's own keyword default applies.
-    """
-
-    load: Callable[..., tuple]
-    params: dict[str, Any]
-    added: dict[str, Any] = field(default_factory=dict)
-    check: Callable[..., Any] | None = None  # called with the resolved settings; raises UserError
-
-
-TASKS: dict[str, Task] = {
-    "teacher": Task(teacher, {"input_dim": 16, "output_dim": 1, "n_train": 1024, "n_val": 256,
-                              "noise": 0.0, "teacher_depth": 3, "teacher_width": 64, "teacher_seed": 0}),
-    "spirals": Task(spirals, {"n_train": 1024, "n_val": 256, "noise": 0.1, "turns": 1.5}),
-    "digits": Task(digits, {"n_val": 297, "split_seed": 0}, added={"images": False}),
-    "blog": Task(blog, {}),
-    "markov": Task(markov, dict(markov_task.DEFAULTS), check=markov_task.check),
+# The loaders, keyed by the names bench.train.names.TASKS declares (with their settings and checks);
+# tests/test_layers.py asserts the two hold the same names.
+TASKS: dict[str, Callable[..., tuple]] = {
+    "teacher": teacher,
+    "spirals": spirals,
+    "digits": digits,
+    "blog": blog,
+    "markov": markov,
 }
-
-
-def _factory(name: str) -> Callable[..., tuple]:
-    return factories.load(name, "task")
-
-
-def resolve_params(name: str, given: dict[str, Any]) -> dict[str, Any]:
-    """A task's full settings: defaults overlaid with the spec's; unknown ones are errors."""
-    if ":" in name:
-        _factory(name)  # fail at parse time, not in a worker
-        return {key: _factory_value(key, value, value) for key, value in given.items()}
-    if name not in TASKS:
-        raise UserError(f"unknown task {name!r}; choose from {sorted(TASKS)} or 'pkg.module:function'")
-    task = TASKS[name]
-    defaults = {**task.params, **task.added}
-    for key, value in given.items():
-        if key not in defaults:
-            raise UserError(f"unknown key [task] {key!r} for task {name!r}; choose from {sorted(defaults)}")
-        want = type(defaults[key])
-        if want is bool:
-            if not isinstance(value, bool):
-                raise UserError(f"[task] {key} = {value!r}: expected true or false")
-            continue
-        ok = is_number(value) if want is float else isinstance(value, want) and not isinstance(value, bool)
-        minimum = 1 if want is int and not key.endswith("seed") else 0
-        if not ok or value < minimum:
-            kind = "an integer" if want is int else "a finite number"
-            raise UserError(f"[task] {key} = {value!r}: expected {kind} >= {minimum}")
-    given = {k: v for k, v in given.items() if not (k in task.added and v == task.added[k])}
-    resolved = {**task.params, **{k: float(v) if type(defaults[k]) is float else v for k, v in given.items()}}
-    if task.check is not None:
-        task.check(**resolved)  # settings only the task can judge, judged now rather than in a worker
-    return resolved
-
-
-def _factory_value(key: str, value: Any, whole: Any) -> Any:
-    # A user factory's settings go into the job id (JSON) and the bundle key (hashed): allow
-    # strings, booleans, numbers and lists of them (as tuples), not TOML dates or tables.
-    if isinstance(value, (list, tuple)):
-        return tuple(_factory_value(key, v, whole) for v in value)
-    if isinstance(value, (str, bool)) or is_number(value):
-        return value
-    raise UserError(f"[task] {key} = {whole!r}: a task factory's settings must be strings, booleans, "
-                    "finite numbers or lists of them")
 
 
 @functools.lru_cache(maxsize=64)
 def _load_cached(name: str, params: tuple, seed: int) -> TaskData:
-    loader = _factory(name) if ":" in name else TASKS[name].load
+    loader = factories.load(name, "task") if ":" in name else TASKS[name]
     out = loader(seed=seed, **dict(params))
     return _check(name, out)
 
