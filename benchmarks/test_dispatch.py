@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench import dispatch, spec
+from bench import dispatch, planner, spec
 from bench.train import stacked as engine
 from benchmarks.conftest import SPECS, interleaved, median, record
 
@@ -19,8 +19,8 @@ from benchmarks.conftest import SPECS, interleaved, median, record
 @pytest.mark.parametrize("workers", [0, 2])
 def test_dispatch_overhead(benchmark, workers):
     sweep = spec.load(SPECS / "tiny.toml")
-    bundles = dispatch.plan(sweep.jobs(), ["cpu"], max_bundle=sweep.runtime.max_bundle,
-                            workers=max(workers, 1))
+    bundles = planner.plan(sweep.jobs(), ["cpu"], max_bundle=sweep.runtime.max_bundle,
+                           workers=max(workers, 1))
 
     def run() -> None:
         results = list(dispatch.execute(bundles, sweep.metrics, workers=workers))

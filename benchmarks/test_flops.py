@@ -1,7 +1,7 @@
 """Achieved training FLOP/s as a fraction of the machine's own dense matmul FLOP/s.
 
 specs/wide.toml: 16 jobs of width 256, batch 256, depth 6, one bundle. Achieved FLOP/s =
-``engine.flops_per_step`` x steps x K / wall time (setup included). The yardsticks are
+``planner.flops_per_step`` x steps x K / wall time (setup included). The yardsticks are
 measured in the same run, between the engine's rounds, at the same thread count: a
 1024 x 1024 ``torch.mm`` and a ``torch.bmm`` of the engine's own shape and the same total
 size, (16, 256, 256) x (16, 256, 256). 20 steps here, 300 with ``--bench-full``; the
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from bench import planner
 from bench.train import stacked as engine
 from bench.train import tasks
 from benchmarks.conftest import interleaved, median, record, seconds, spec_jobs
@@ -36,7 +37,7 @@ def test_training_flops_vs_matmul(benchmark, device, full):
     jobs = spec_jobs("wide") if full else spec_jobs("wide", steps=SHORT_STEPS)
     job, k = jobs[0], len(jobs)
     data = tasks.load(job.task, job.task_params, job.seed)
-    work = engine.flops_per_step(job, data.d_in, data.d_out) * job.steps * k
+    work = planner.flops_per_step(job, data.d_in, data.d_out) * job.steps * k
     peaks: dict[str, list[float]] = {"mm": [], "bmm": [], "probed_s": []}
 
     def yardsticks() -> None:
