@@ -567,3 +567,34 @@ def test_mup_coordinate_check_is_flat_where_standard_parametrization_grows():
     assert sp[1]["head"] > 0.8 and sp[1]["blocks.1"] > 0.1  # measured +1.14 and +0.19
     for t in range(1, 4):
         assert all(abs(s) < 0.15 for s in mup[t].values()), (t, mup[t])  # measured |slope| <= 0.08
+
+
+def test_switches_are_set_from_a_spec_and_checked():
+    """Boolean scheme parameters (small_init's wang_outputs, muP's readout_zero_init) come from a
+    spec as true/false; a number there is an error naming the key."""
+    model = small_init_model("transformer", 48, "[init_params.small_init]\nwang_outputs = true")
+    ends = [p for n, p in model.named_parameters() if n.endswith(("attn.proj.weight", "mlp.proj.weight"))]
+    assert_std(ends, 2 / (3 * math.sqrt(48)))  # NeoX's wang_init: 2 / (n_blocks sqrt(d)), 3 blocks
+    with pytest.raises(UserError, match=r"\[init_params.mup\] readout_zero_init = 1: expected true or false"):
+        small_init_model("resmlp", 48, "[init_params.mup]\nreadout_zero_init = 1")
+
+
+class _AttentionBlock(nn.Module):
+    branch_ends = ("attn.out_proj.weight",)
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(width, 4, batch_first=True)
+
+    def forward(self, x):
+        return x + self.attn(x, x, x, need_weights=False)[0]
+
+
+def test_gpt2_draws_a_multihead_attention_in_projection():
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.blocks = nn.ModuleList(_AttentionBlock(64) for _ in range(4))
+    R.gpt2_(model)
+    assert_std([b.attn.in_proj_weight for b in model.blocks], 0.02)
+    assert_std([b.attn.out_proj.weight for b in model.blocks], 0.02 / math.sqrt(4))
+    assert all(zero(b.attn.in_proj_bias) and zero(b.attn.out_proj.bias) for b in model.blocks)

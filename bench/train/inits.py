@@ -332,7 +332,8 @@ def _small_init(model: nn.Module, ctx: InitContext) -> None:
             raise UserError("init 'small_init' draws N(0, 2 / (5 d)) with d = the model width, and this "
                             "model has no width setting; give one: [init_params.small_init] d = <width>")
         d = ctx.width
-    residual_inits.small_init_(model, width=int(d), activation=ctx.activation or "relu")
+    residual_inits.small_init_(model, width=int(d), activation=ctx.activation or "relu",
+                               wang_outputs=bool(ctx.params["wang_outputs"]))
 
 
 def _mup(model: nn.Module, ctx: InitContext) -> None:

@@ -231,7 +231,8 @@ def gpt2_(model: nn.Module, *, activation: str = "relu", std: float = 0.02) -> N
     ~ N(0, (std / sqrt(L))^2) with L the number of residual branches, which is nanoGPT's
     2 * n_layer for a GPT (HF ``modeling_gpt2.py``: initializer_range / sqrt(2 n_layer)).
     q, k, v are one (3 width, width) matrix, as nanoGPT's ``c_attn``; with i.i.d. entries
-    that equals three separate draws. A tied head is the token embedding: drawn once.
+    that equals three separate draws; an ``nn.MultiheadAttention``'s packed ``in_proj_weight`` is
+    drawn the same way (its ``out_proj`` is a Linear). A tied head is the token embedding: drawn once.
     """
     ends = [param(block, name, block.branch_ends[i], "gpt2") for name, block, i in branches(model, "gpt2")]
     for module in model.modules():
@@ -239,6 +240,10 @@ def gpt2_(model: nn.Module, *, activation: str = "relu", std: float = 0.02) -> N
             module.weight.normal_(0.0, std)
             if getattr(module, "bias", None) is not None:
                 module.bias.zero_()
+        elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+            module.in_proj_weight.normal_(0.0, std)
+            if module.in_proj_bias is not None:
+                module.in_proj_bias.zero_()
     _neutral_(model)
     for end in ends:
         end.normal_(0.0, std / math.sqrt(len(ends)))

@@ -56,7 +56,7 @@ SCHEMES: dict[str, Declared] = {
     "rezero": Declared({}, named=False, per_tensor=False, doc=f"Bachlechner et al. 2020 ({_RESIDUAL})"),
     "gpt2": Declared({"std": 0.02}, named=False, per_tensor=False,
                      doc=f"GPT-2 as nanoGPT writes it ({_RESIDUAL})"),
-    "small_init": Declared({"d": "width"}, named=False, per_tensor=False,
+    "small_init": Declared({"d": "width", "wang_outputs": False}, named=False, per_tensor=False,
                            doc="every Linear/Conv/Embedding weight N(0, 2 / (5 d)), d = the model width "
                                "(Nguyen & Salazar 2019)"),
     "mup": Declared({"base_width": 32, "output_mult": 1.0, "readout_zero_init": True,
@@ -79,6 +79,10 @@ def check_param(name: str, key: str, value: Any, where: str) -> Any:
     if key not in defaults:
         raise UserError(f"{where}: unknown key {key!r} for init {name!r}; choose from {sorted(defaults)}")
     if key == "gain" and value == "activation":
+        return value
+    if isinstance(defaults[key], bool):  # a switch (muP's readout_zero_init): a number would be a typo
+        if not isinstance(value, bool):
+            raise UserError(f"{where} = {value!r}: expected true or false")
         return value
     if key == "d":  # small_init's model width: "width" (the job's) or a positive integer
         if value == "width":
