@@ -442,3 +442,32 @@ def test_a_deep_transformer_is_drawn_per_block_with_the_modules_folded(tmp_path,
     assert TITLE.findall(_section(small_page, "network")) == ["Signal propagation at initialization",
                                                               "Parameter trajectories during training"]
     assert "x: each module&#39;s position in the forward pass" in small_page
+
+
+DEEP_RESMLP = """
+name = "deep_resmlp"
+[grid]
+init = ["default", "zero_residual"]
+seed = [0]
+[model]
+arch = "resmlp"
+depth = 14
+width = 16
+[task]
+name = "teacher"
+n_train = 64
+[train]
+steps = 2
+batch_size = 32
+"""
+
+
+def test_a_deep_residual_mlp_is_drawn_per_block_with_its_stream_theory(tmp_path):
+    from bench import sweep
+
+    spec_path = tmp_path / "spec.toml"
+    spec_path.write_text(DEEP_RESMLP)
+    assert sweep.main([str(spec_path), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    network = _section(_page(tmp_path / "out"), "network")
+    assert "drawn per residual block" in network
+    assert "a third panel sets the stream&#39;s measured second moment q" in network

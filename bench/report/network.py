@@ -143,11 +143,17 @@ def _block_propagation(grid: Grid, step0: pd.DataFrame, note: str) -> Figure:
     grads = np.sqrt(grads).rename("grad_norm").reset_index()
     panels = ((stream, "std", "residual stream std after each block", "std of the block's output"),
               (grads, "grad_norm", "weight-gradient norm per block", "norm of the block's weight gradients"))
+    # The residual MLP's stream has a prediction (bench.theory.stream_variance): drawn per block too.
+    theory = stream[stream["q_pred"].notna()] if "q_pred" in stream else stream.iloc[:0]
     with style():
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
-        for ax, (data, stat, name, ylabel) in zip(axes, panels, strict=True):
+        fig, axes = plt.subplots(1, 3 if len(theory) else 2, figsize=(16 if len(theory) else 11, 4),
+                                 layout="constrained")
+        for ax, (data, stat, name, ylabel) in zip(axes, panels):
             _median_panel(ax, grid, data, "block", stat)
             ax.set(title=name, xlabel=BLOCK_LABEL, ylabel=f"{ylabel} (log scale)")
+        if len(theory):
+            _theory_panel(axes[2], grid, theory.assign(index=theory["block"]))
+            axes[2].set(title="residual stream q vs theory", xlabel=BLOCK_LABEL)
         legend(fig, grid, present(grid, step0["scheme"]), marker="o")
         fig.suptitle(title, fontweight="bold")
     n = step0["layer"].nunique()
@@ -157,7 +163,10 @@ def _block_propagation(grid: Grid, step0: pd.DataFrame, note: str) -> Figure:
                "first batch (all its weights together). A well-scaled init keeps both flat across blocks; "
                "an upward slope in the stream is the variance every branch adds. Lines are medians over "
                "all runs of the cell, bands their interquartile range. Modules outside the blocks "
-               "(embeddings, final norm, head) and the per-module numbers are in the table below." + note)
+               "(embeddings, final norm, head) and the per-module numbers are in the table below."
+               + (" For the residual MLP, a third panel sets the stream's measured second moment q (points) "
+                  "against its step-0 prediction (lines: each block adds its branch's variance)."
+                  if len(theory) else "") + note)
     return Figure(title, caption, to_uri(fig), details=_module_table(step0),
                   details_summary=f"Per-module numbers at step 0 ({n} modules, medians over runs)")
 
