@@ -65,6 +65,9 @@ MODELS = {
     "transformer": 'arch = "transformer"\ndepth = 2\nwidth = 32\nheads = 2\n[task]\nname = "markov"\n'
                    'seq_len = 16\nvocab = 16\n[train]\nbatch_size = 32\n',
 }
+# The MLP is trained by the hand-stacked engine; test_mlp_stacked_engine_vs_vmap compares the two engines.
+SHAPES = {**MODELS, "mlp": 'arch = "mlp"\ndepth = 8\nwidth = 64\n[task]\nname = "teacher"\n'
+                           '[train]\nbatch_size = 128\n'}
 TARGETS = {("resmlp", 32): 3.0, ("cnn", 32): 1.3}
 SIDES = ("plain", "loop", "auto")  # timed before each round of the bundle, in this order
 
@@ -72,7 +75,7 @@ SIDES = ("plain", "loop", "auto")  # timed before each round of the bundle, in t
 def model_jobs(model: str, k: int, steps: int = STEPS) -> list[Job]:
     """K jobs of one shape: ``min(K, 4)`` Adam learning rates x ``K / that`` seeds."""
     lrs = list(LRS[:min(k, len(LRS))])
-    text = (f"[grid]\nlr = {lrs}\nseed = {list(range(k // len(lrs)))}\n[model]\n{MODELS[model]}"
+    text = (f"[grid]\nlr = {lrs}\nseed = {list(range(k // len(lrs)))}\n[model]\n{SHAPES[model]}"
             f'steps = {steps}\nlog_every = {LOG_EVERY}\noptimizer = "adam"\n')
     jobs = spec.parse(text, f"<anymodule {model}>").jobs()
     assert len(jobs) == k, (model, k, len(jobs))
@@ -142,13 +145,35 @@ def test_anymodule_bundle_vs_plain_loop(benchmark, device, model, k):
            target=target, met=None if target is None else speedup >= target)
 
 
+@pytest.mark.parametrize("k", (8, 32))
+def test_mlp_stacked_engine_vs_vmap(benchmark, device, k):
+    """The hand-stacked MLP engine against the any-module vmap engine on the same MLP jobs (issue 13:
+    keep the stacked engine only where it measurably wins). Timed side: ``stacked.train``."""
+    from bench.train import stacked
+
+    jobs = model_jobs("mlp", k)
+    for fn in (lambda: stacked.train(jobs[:2], device=device),
+               quiet(lambda: functional.train(jobs[:2], device=device, vectorize=True))):
+        fn()
+    vmap_times: list[float] = []
+    vmapped = quiet(lambda: functional.train(jobs, device=device, vectorize=True))
+    benchmark.pedantic(lambda: (stacked.train(jobs, device=device), sync(device)),
+                       setup=lambda: vmap_times.append(seconds(vmapped, device)), rounds=ROUNDS,
+                       warmup_rounds=0)
+    stacked_times = timed_rounds(benchmark)
+    record(benchmark, device=device, model="mlp", K=k, steps=STEPS, rounds=ROUNDS, stacked_s=stacked_times,
+           vmap_s=vmap_times, stacked_over_vmap=median(vmap_times) / median(stacked_times),
+           stacked_over_vmap_paired=paired_ratio(vmap_times, stacked_times))
+
+
 def table(results: dict) -> str:
     """The markdown table of a pytest-benchmark JSON file's ``test_anymodule`` results."""
+    mlp = [b["extra_info"] for b in results["benchmarks"] if b["name"].startswith("test_mlp_stacked")]
     rows = [b["extra_info"] for b in results["benchmarks"] if b["name"].startswith("test_anymodule")]
     rows.sort(key=lambda e: (list(MODELS).index(e["model"]), e["K"]))
-    if not rows:
+    if not rows and not mlp:
         return "no test_anymodule results in this file\n"
-    head = rows[0]
+    head = (rows or mlp)[0]
     lines = [f"device {head['device']}, {head['threads']} threads, torch {head['torch']}, "
              f"{head['steps']} steps, median of {head['rounds']} rounds (seconds per bundle of K jobs)",
              "",
@@ -164,6 +189,12 @@ def table(results: dict) -> str:
             f"(paired {e['speedup_vmap_paired']:.2f}x) | {e['speedup_auto']:.2f}x "
             f"| {e['vmap_over_loop']:.2f}x "
             f"| {e['auto_engine'].split(':')[0]} | {load} | {target} |")
+    if mlp:
+        lines += ["", "MLP (depth 8, width 64, teacher, batch 128): the hand-stacked engine against vmap", "",
+                  "| K | stacked (s) | vmap (s) | stacked faster by |", "|---|---|---|---|"]
+        lines += [f"| {e['K']} | {median(e['stacked_s']):.3f} | {median(e['vmap_s']):.3f} "
+                  f"| **{e['stacked_over_vmap']:.2f}x** (paired {e['stacked_over_vmap_paired']:.2f}x) |"
+                  for e in sorted(mlp, key=lambda e: e["K"])]
     return "\n".join(lines) + "\n"
 
 

@@ -231,6 +231,7 @@ def _fit(jobs: list[Job], data: list[tasks.TaskData], built: list[nn.Module], *,
     init_loss = torch.zeros(K, device=dev)
     input_q = torch.zeros(K, device=dev)
     li = 0
+    bundle.base.train()  # every module, as the classic loop's model.train() would
     rng = torch.random.fork_rng(devices=[]) if not vectorize else None
     if rng is not None:  # the loop: the job's random draws (dropout) are its own, seeded
         rng.__enter__()
@@ -242,7 +243,8 @@ def _fit(jobs: list[Job], data: list[tasks.TaskData], built: list[nn.Module], *,
             idx = schedule[t].flatten()
             x = x_rows.index_select(0, idx).view(K, -1, *x_rows.shape[1:])
             y = y_rows.index_select(0, idx).view(K, -1, *y_rows.shape[1:])
-            bundle.base.train()
+            if not bundle.base.training:  # Module.train() walks every module: only when the mode changes
+                bundle.base.train()
             out, captured = _call(bundle, x, probed if probing else None, acts, vectorize)
             loss = loss_per_job(out, y, classes)
             if t == 0:
