@@ -1,12 +1,18 @@
 """Faults of sweeps that run for days, injected for real: SIGTERM, a file-size limit, a second runner,
 a killed runner's lock, a damaged store. After each, the same command resumes: every job once, the
-rows stored before unchanged, results equal to an uninterrupted run, no process left behind."""
+rows stored before unchanged, results equal to an uninterrupted run, no process left behind.
+
+The faulty runs are processes of their own (signals, rlimits and locks need one). What is not
+itself under test runs in this process through ``bench.sweep.main``, the same code without the
+second of starting Python and importing torch: the uninterrupted reference and the resumes (the
+store and lock a dead process left behind are the same to a resume in any process)."""
 
 from __future__ import annotations
 
 import json
 import os
 import resource
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -17,7 +23,9 @@ from pathlib import Path
 import pytest
 
 import bench
+from bench import store, sweep
 from bench.errors import UserError
+from bench.report import build
 from tests.conftest import QUIET_ENV, ROOT, count_rows, run_cli, wait_rows
 
 # Twelve bundles of one job each (every width is its own shape): about half a second each.
@@ -38,14 +46,23 @@ N_JOBS = 12
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict[str, dict]:
-    """Every job's metrics from one uninterrupted run."""
+def finished(tmp_path_factory) -> Path:
+    """The output directory of one uninterrupted run of SPEC (read it, or copy it before writing)."""
     base = tmp_path_factory.mktemp("reference")
     (base / "long.toml").write_text(SPEC)
-    proc = run_cli("bench.sweep", str(base / "long.toml"), "--out", str(base / "out"), "--no-report",
-                   "--quiet")
-    assert proc.returncode == 0, proc.stderr
-    return {k: v["metrics"] for k, v in rows(base / "out").items()}
+    assert sweep_here(base / "long.toml", base / "out") == 0
+    return base / "out"
+
+
+@pytest.fixture(scope="module")
+def reference(finished) -> dict[str, dict]:
+    """Every job's metrics from one uninterrupted run."""
+    return {k: v["metrics"] for k, v in rows(finished).items()}
+
+
+def sweep_here(spec: Path, out: Path, *flags: str) -> int:
+    """The sweep command, run in this process (see the module docstring)."""
+    return sweep.main([str(spec), "--out", str(out), "--no-report", "--quiet", *flags])
 
 
 @pytest.fixture
@@ -100,8 +117,7 @@ def assert_nothing_left(sid: int, within: float = 10.0) -> None:
 
 def assert_resumes_to_the_uninterrupted_result(spec: Path, out: Path, before: dict, reference: dict,
                                                *flags: str) -> None:
-    again = run_cli("bench.sweep", str(spec), "--out", str(out), "--no-report", "--quiet", *flags)
-    assert again.returncode == 0, again.stderr
+    assert sweep_here(spec, out, *flags) == 0
     after = rows(out)
     assert set(after) == set(reference)  # every job exactly once (job_id is the primary key)
     for job_id, row in before.items():
@@ -216,8 +232,7 @@ def test_a_second_runner_is_refused_naming_the_first_and_readers_still_work(spec
     wait_rows(out, 2, winner)
     assert winner.poll() is None, "the readers below should run while the sweep writes"
     assert len(bench.load(out).runs) >= 2  # readers take no lock
-    report = run_cli("bench.report", str(out))
-    assert report.returncode == 0, report.stderr
+    assert build(out).is_file()  # the report, in this process: another process than the writer
     _, err = winner.communicate(timeout=120)
     assert winner.returncode == 0, err
     assert set(rows(out)) == set(reference)
@@ -250,10 +265,10 @@ def scribble(path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", [truncate, scribble])
-def test_a_damaged_store_is_refused_untouched_and_recovered_on_request(spec_path, tmp_path, reference,
-                                                                       damage):
+def test_a_damaged_store_is_refused_untouched_and_recovered_on_request(spec_path, tmp_path, finished,
+                                                                       reference, damage):
     out = tmp_path / "out"
-    assert run_cli("bench.sweep", str(spec_path), "--out", str(out), "--no-report", "--quiet").returncode == 0
+    shutil.copytree(finished, out)  # a finished sweep of the same spec
     intact = rows(out)
     store = out / "store.sqlite"
     damage(store)
@@ -278,11 +293,12 @@ def test_a_damaged_store_is_refused_untouched_and_recovered_on_request(spec_path
     assert_resumes_to_the_uninterrupted_result(spec_path, out, recovered, reference)
 
 
-def test_recovering_a_healthy_store_changes_nothing(tiny_spec, tmp_path):
+def test_recovering_a_healthy_store_changes_nothing(tiny_spec, tmp_path, capsys):
     out = tmp_path / "out"
-    assert run_cli("bench.sweep", str(tiny_spec), "--out", str(out), "--no-report", "--quiet").returncode == 0
+    assert sweep_here(tiny_spec, out) == 0
     before = (out / "store.sqlite").read_bytes()
-    proc = run_cli("bench.store", "recover", str(out))
-    assert proc.returncode == 0 and "not damaged" in proc.stdout
+    capsys.readouterr()
+    assert store.main(["recover", str(out)]) == 0  # the command itself runs through a process above
+    assert "not damaged" in capsys.readouterr().out
     assert (out / "store.sqlite").read_bytes() == before
     assert count_rows(out) == 12
