@@ -11,7 +11,8 @@ back-propagated with plain autograd (each job's gradient is its own), and the fl
 
 ``vectorize=False`` is the per-job loop: the same code with the module called directly on one
 job at a time, its random draws (dropout) seeded by the job. :func:`train` decides between
-them with a one-step preflight of two jobs against the plain loop (:func:`preflight`).
+them with a preflight: one step of the whole bundle through vmap against two of its jobs
+through the loop, for exactness and for speed (:func:`preflight`).
 
 Probes (step 0, every ``log_every`` steps, after the last update) record every parameter's
 statistics under its module's name, and every catalogued module's output statistics through
@@ -20,6 +21,7 @@ forward hooks that return them out of the vmapped function.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import time
@@ -50,7 +52,6 @@ BLOCK = re.compile(r"(.*\.)?blocks\.\d+$")  # residual blocks: the stream after 
 ACTIVATION_TYPES = tuple({type(a.module()) for a in activations.ACTIVATIONS.values()} - {nn.Identity}) + (
     nn.SiLU, nn.Softplus, nn.ELU, nn.Mish, nn.Hardtanh, nn.ReLU6, nn.PReLU)
 PREFLIGHT_RTOL = 1e-4  # one step of the bundle must match the plain loop this closely
-PREFLIGHT_STEPS = 3  # the preflight's fits: steps 1 .. 2 are warm training steps, timed
 
 
 class FallBack(Exception):
@@ -135,10 +136,12 @@ class _Bundle:
 
     def bind(self, k: int) -> None:
         """Make job k's parameter views and buffers the base module's own (the per-job loop)."""
+        params = {n: v[k] for n, v in self.views.items()}  # one tensor per name: tied stay tied
+        buffers = {n: b[k] for n, b in self.buffers.items()}
         for module, leaf, name in self.param_slots:
-            module._parameters[leaf] = self.views[name][k]
+            module._parameters[leaf] = params[name]
         for module, leaf, name in self.buffer_slots:
-            module._buffers[leaf] = self.buffers[name][k]
+            module._buffers[leaf] = buffers[name]
 
     def grad(self) -> torch.Tensor:
         return torch.cat([(self.views[n].grad if self.views[n].grad is not None
@@ -169,29 +172,32 @@ def _call(bundle: _Bundle, x: torch.Tensor, probe: list[str] | None, acts: set[s
                 h.remove()
         return out, captured
 
-    # Attention through PyTorch's math kernel, in both paths: the fused CPU kernel (flash
-    # attention) has no vmap batching rule, so vmap would run it job by job, while the math path is
-    # batched matmuls and a softmax (research/anymodule.md section 1: 1.1-1.5x faster under vmap).
-    # The loop uses the same kernel so that the preflight compares batching alone: with flash in the
-    # loop, Adam's first step turned the kernels' ~1e-7 differences in near-zero gradients into
-    # lr-sized differences, and every transformer bundle fell back.
+    # On the CPU, attention goes through PyTorch's math kernel in both paths: the fused CPU kernel
+    # (flash attention) has no vmap batching rule, so vmap would run it job by job, while the math
+    # path is batched matmuls and a softmax (research/anymodule.md section 1: 1.1-1.5x faster under
+    # vmap). The loop uses the same kernel so that the preflight compares batching alone: with flash
+    # in the loop, Adam's first step turned the kernels' ~1e-7 differences in near-zero gradients
+    # into lr-sized differences, and every transformer bundle fell back. CUDA's fused kernels have
+    # batching rules: kept there.
+    kernels = sdpa_kernel(SDPBackend.MATH) if x.device.type == "cpu" else contextlib.nullcontext()
     if vectorize:
-        with sdpa_kernel(SDPBackend.MATH):
+        with kernels:
             return vmap(one, in_dims=(0, 0, 0), randomness="error")(bundle.views, bundle.buffers, x)
     # The loop: job 0 alone (a bundle of one), called directly; its outputs and stats get K = 1.
     bundle.bind(0)  # fresh views every call: each step's graph starts at the leaves
-    with sdpa_kernel(SDPBackend.MATH):
+    with kernels:
         out, captured = one(None, None, x[0])
     return out.unsqueeze(0), {n: s.unsqueeze(0) for n, s in captured.items()}
 
 
 def _fit(jobs: list[Job], data: list[tasks.TaskData], built: list[nn.Module], *, divergence_ratio: float,
          device: str, probes: bool, keep_params: bool, vectorize: bool,
-         steps: int | None = None, clock: list[float] | None = None) -> BundleOutput:
+         steps: int | None = None, clock: list[float] | None = None, keep_first: int = 0) -> BundleOutput:
     """Train a bundle (``vectorize``) or a single job (not) for ``steps`` (default: the jobs' own).
 
-    ``clock``, when given, receives the wall time (s) at which each step ``t`` = 0 .. steps ends
-    (after the device finished it), for the preflight's timing.
+    ``clock``, when given, receives the wall time (s) at which step 0 starts and each step ``t`` =
+    0 .. steps ends (after the device finished it), for the preflight's timing. ``keep_first``
+    keeps the final parameters of the first jobs only (``keep_params`` keeps every job's).
     """
     ref = jobs[0]
     K, L = len(jobs), ref.log_every
@@ -254,6 +260,8 @@ def _fit(jobs: list[Job], data: list[tasks.TaskData], built: list[nn.Module], *,
     if rng is not None:  # the loop: the job's random draws (dropout) are its own, seeded
         rng.__enter__()
         torch.manual_seed(tasks.derive_seed(ref.seed, "train"))
+    if clock is not None:
+        clock.append(time.perf_counter())
     try:
         for t in range(steps + 1):
             logged = li < n_log and log_steps[li] == t
@@ -311,8 +319,8 @@ def _fit(jobs: list[Job], data: list[tasks.TaskData], built: list[nn.Module], *,
     finally:
         if rng is not None:
             rng.__exit__(None, None, None)
-    final = ([[bundle.views[n][k].detach().cpu().clone() for n in bundle.names] for k in range(K)]
-             if keep_params else [])
+    kept = K if keep_params else min(keep_first, K)
+    final = [[bundle.views[n][k].detach().cpu().clone() for n in bundle.names] for k in range(kept)]
     return BundleOutput(log_steps=log_steps, losses=losses.cpu().numpy(), val_loss=val_loss.cpu().numpy(),
                         val_acc=val_acc.cpu().numpy(), grad_norm=grad_norm.cpu().numpy(), rows=rows,
                         row_stats=row_stats.cpu().numpy(), modules=cat, diverged_at=diverged_at,
@@ -381,30 +389,36 @@ def preflight(jobs: list[Job], data: list[tasks.TaskData], built: list[nn.Module
     loop. Reasons to fall back, in order: vmap raises (it cannot batch the module: ``.item()``,
     data-dependent control flow, random draws); vmap has no batching rule for an operator (it
     would run it job by job, with its own overhead on top); the two jobs' losses or updated
-    parameters differ by more than ``PREFLIGHT_RTOL``; or the loop is faster. Speed is compared
-    on the fit's second iteration (the loss after the update, its backward and the validation
-    pass: the first pays one-time costs): the bundle's time against K times the faster of the
-    two lone jobs' times, both from this one call, so the machine's load at that moment weighs
-    on both. ``timed=False`` checks exactness only.
+    parameters differ by more than ``PREFLIGHT_RTOL``; or the loop is faster. Speed: the bundle's
+    fastest step (of the two the fit runs: the update, and the loss after it, each with its backward
+    and validation pass) against K times the fastest of the lone jobs' four, all from this one call,
+    so the machine's load at that moment weighs on both. ``timed=False`` checks exactness only.
+    Out of memory is not a reason: it is raised, for the dispatcher to split the bundle.
+
+    Raises:
+        torch.OutOfMemoryError: the bundle does not fit on its device.
     """
     bundle_clock: list[float] = []
+    pair = min(2, len(jobs))
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             together = _fit(jobs, data, built, divergence_ratio=float("inf"), device=device, probes=False,
-                            keep_params=True, vectorize=True, steps=1, clock=bundle_clock)
-    except Exception as err:  # noqa: BLE001 - any failure of the vectorized path is a reason
+                            keep_params=False, keep_first=pair, vectorize=True, steps=1, clock=bundle_clock)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any other failure of the vectorized path is a reason
         return f"vmap raised {type(err).__name__}: {str(err).splitlines()[0][:200]}"
     slow = [str(w.message) for w in caught if "not yet implemented the batching rule" in str(w.message)]
     if slow:  # vmap would run that operator job by job anyway, with its own overhead on top
         op = re.search(r"batching rule for (\S+?)\.", slow[0])
         return f"vmap has no batching rule for {op.group(1) if op else 'an operator'}: it would loop per job"
-    alone_step = float("inf")
-    for i in range(min(2, len(jobs))):
+    alone_steps: list[float] = []
+    for i in range(pair):
         clock: list[float] = []
         alone = _fit([jobs[i]], [data[i]], [built[i]], divergence_ratio=float("inf"), device=device,
                      probes=False, keep_params=True, vectorize=False, steps=1, clock=clock)
-        alone_step = min(alone_step, clock[1] - clock[0]) if len(clock) == 2 else alone_step
+        alone_steps += np.diff(clock).tolist()
         a, b = together.losses[:2, i], alone.losses[:2, 0]
         if not np.allclose(a, b, rtol=PREFLIGHT_RTOL, atol=1e-7, equal_nan=True):
             worst = np.nanmax(np.abs(a - b) / np.abs(b))
@@ -412,9 +426,8 @@ def preflight(jobs: list[Job], data: list[tasks.TaskData], built: list[nn.Module
         for p, q in zip(together.final_params[i], alone.final_params[0]):
             if not torch.allclose(p, q, rtol=PREFLIGHT_RTOL, atol=1e-6, equal_nan=True):
                 return "vmap's updated parameters differ from the plain loop's"
-    # A bundle whose jobs all diverged at step 0 stopped its clock early: nothing to compare.
-    if timed and len(bundle_clock) == 2 and np.isfinite(alone_step):
-        bundle_step, loop_step = bundle_clock[1] - bundle_clock[0], len(jobs) * alone_step
+    if timed and len(bundle_clock) > 1 and alone_steps:
+        bundle_step, loop_step = float(np.diff(bundle_clock).min()), len(jobs) * min(alone_steps)
         if loop_step < bundle_step:
             return (f"the per-job loop was faster in the preflight ({len(jobs)} jobs one at a time: "
                     f"{loop_step * 1e3:.1f} ms a step; as one vmap bundle: {bundle_step * 1e3:.1f} ms)")

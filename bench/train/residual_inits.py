@@ -102,12 +102,29 @@ def tied(model: nn.Module, layer: nn.Module) -> bool:
     return any(layer.weight is m.weight for m in model.modules() if isinstance(m, nn.Embedding))
 
 
+def _normal_layers_(model: nn.Module, std: float) -> None:
+    """Every Linear, Conv and Embedding weight and every nn.MultiheadAttention projection (q, k, v
+    packed or apart; its out_proj is a Linear) ~ N(0, std^2), their biases 0."""
+    for module in model.modules():
+        if isinstance(module, (*LAYERS, nn.Embedding)):
+            module.weight.normal_(0.0, std)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.MultiheadAttention):
+            for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                if getattr(module, name, None) is not None:
+                    getattr(module, name).normal_(0.0, std)
+            if module.in_proj_bias is not None:
+                module.in_proj_bias.zero_()
+
+
 def _neutral_(model: nn.Module) -> None:
     # Norms 1/0, gates 1, scalar biases 0: the identity, so only what a scheme sets matters.
     for module in model.modules():
         if isinstance(module, NORMS) and module.weight is not None:
             module.weight.fill_(1.0)
-            module.bias.zero_()
+            if module.bias is not None:  # LayerNorm(bias=False)
+                module.bias.zero_()
     for gate in _scalars(model, "branch_gates"):
         gate.fill_(1.0)
     for bias in _scalars(model, "scalar_biases"):
@@ -231,19 +248,12 @@ def gpt2_(model: nn.Module, *, activation: str = "relu", std: float = 0.02) -> N
     ~ N(0, (std / sqrt(L))^2) with L the number of residual branches, which is nanoGPT's
     2 * n_layer for a GPT (HF ``modeling_gpt2.py``: initializer_range / sqrt(2 n_layer)).
     q, k, v are one (3 width, width) matrix, as nanoGPT's ``c_attn``; with i.i.d. entries
-    that equals three separate draws; an ``nn.MultiheadAttention``'s packed ``in_proj_weight`` is
-    drawn the same way (its ``out_proj`` is a Linear). A tied head is the token embedding: drawn once.
+    that equals three separate draws; an ``nn.MultiheadAttention``'s q, k, v projections (packed
+    ``in_proj_weight`` or apart) are drawn the same way (its ``out_proj`` is a Linear). A tied
+    head is the token embedding: drawn once.
     """
     ends = [param(block, name, block.branch_ends[i], "gpt2") for name, block, i in branches(model, "gpt2")]
-    for module in model.modules():
-        if isinstance(module, (*LAYERS, nn.Embedding)):
-            module.weight.normal_(0.0, std)
-            if getattr(module, "bias", None) is not None:
-                module.bias.zero_()
-        elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
-            module.in_proj_weight.normal_(0.0, std)
-            if module.in_proj_bias is not None:
-                module.in_proj_bias.zero_()
+    _normal_layers_(model, std)
     _neutral_(model)
     for end in ends:
         end.normal_(0.0, std / math.sqrt(len(ends)))
@@ -270,18 +280,7 @@ def small_init_(model: nn.Module, *, width: int, activation: str = "relu",
     """
     ends = ([param(block, name, block.branch_ends[i], "small_init")
              for name, block, i in branches(model, "small_init")] if wang_outputs else [])
-    std = math.sqrt(2.0 / (5.0 * width))
-    for module in model.modules():
-        if isinstance(module, (*LAYERS, nn.Embedding)):
-            module.weight.normal_(0.0, std)
-            if getattr(module, "bias", None) is not None:
-                module.bias.zero_()
-        elif isinstance(module, nn.MultiheadAttention):  # q, k, v packed or apart; out_proj is a Linear
-            for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
-                if getattr(module, name, None) is not None:
-                    getattr(module, name).normal_(0.0, std)
-            if module.in_proj_bias is not None:
-                module.in_proj_bias.zero_()
+    _normal_layers_(model, math.sqrt(2.0 / (5.0 * width)))
     _neutral_(model)
     if wang_outputs:
         wang = 2.0 / (len(model.blocks) * math.sqrt(width))
