@@ -1,8 +1,14 @@
-"""The sweep end to end, as a user runs it: CLI subprocess, store, resume, kill, failures."""
+"""The sweep end to end, as a user runs it: CLI subprocess, store, resume, kill, failures.
+
+The command runs as a process of its own where that is the point (its output and exit code, a
+kill, a reader beside a writer, user code in workers); otherwise ``bench.sweep.main`` runs in this
+process, and tests that only read a finished tiny sweep share one.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -11,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 import bench
 from bench import spec as spec_mod
+from bench import sweep
 from tests.conftest import QUIET_ENV, ROOT, TINY_SPEC, run_cli, wait_rows
 
 RUN_COLUMNS = ["init", "depth", "width", "activation", "lr", "seed", "task", "optimizer", "job_id", "status",
@@ -31,10 +39,26 @@ def stored_rows(out: Path) -> dict[str, tuple]:
         con.close()
 
 
-def test_sweep_stores_one_row_per_job_with_every_column(tiny_spec, tmp_path):
-    out = tmp_path / "out"
-    proc = run_cli("bench.sweep", str(tiny_spec), "--out", str(out), "--no-report")
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """TINY_SPEC swept once through the CLI: (spec, output directory, the process). Copy before writing."""
+    base = tmp_path_factory.mktemp("tiny")
+    spec_path, out = base / "tiny.toml", base / "out"
+    spec_path.write_text(TINY_SPEC)
+    proc = run_cli("bench.sweep", str(spec_path), "--out", str(out), "--no-report")
     assert proc.returncode == 0, proc.stderr
+    return spec_path, out, proc
+
+
+def copy_of(tiny_run, tmp_path: Path) -> tuple[Path, Path]:
+    spec_path, out, _ = tiny_run
+    shutil.copy(spec_path, tmp_path / "tiny.toml")
+    shutil.copytree(out, tmp_path / "out")
+    return tmp_path / "tiny.toml", tmp_path / "out"
+
+
+def test_sweep_stores_one_row_per_job_with_every_column(tiny_run):
+    tiny_spec, out, proc = tiny_run
     results = bench.load(out)
     jobs = spec_mod.load(tiny_spec).jobs()
     assert len(results.runs) == len(jobs) == 12
@@ -50,16 +74,14 @@ def test_sweep_stores_one_row_per_job_with_every_column(tiny_spec, tmp_path):
     assert len(summary) == 6 and summary["n"].eq(2).all()
 
 
-def test_rerun_resumes_and_fresh_starts_over(tiny_spec, tmp_path):
-    out = tmp_path / "out"
-    assert run_cli("bench.sweep", str(tiny_spec), "--out", str(out), "--no-report", "--quiet").returncode == 0
+def test_rerun_resumes_and_fresh_starts_over(tiny_run, tmp_path, capsys):
+    tiny_spec, out = copy_of(tiny_run, tmp_path)
     before = stored_rows(out)
-    again = run_cli("bench.sweep", str(tiny_spec), "--out", str(out), "--no-report")
-    assert again.returncode == 0
-    assert "12 from an earlier run" in again.stdout
+    capsys.readouterr()
+    assert sweep.main([str(tiny_spec), "--out", str(out), "--no-report"]) == 0
+    assert "12 from an earlier run" in capsys.readouterr().out
     assert stored_rows(out) == before  # nothing retrained, nothing rewritten
-    fresh = run_cli("bench.sweep", str(tiny_spec), "--out", str(out), "--no-report", "--quiet", "--fresh")
-    assert fresh.returncode == 0
+    assert sweep.main([str(tiny_spec), "--out", str(out), "--no-report", "--quiet", "--fresh"]) == 0
     after = stored_rows(out)
     assert after.keys() == before.keys()
     assert all(after[k][2] > before[k][2] for k in after)
@@ -67,14 +89,15 @@ def test_rerun_resumes_and_fresh_starts_over(tiny_spec, tmp_path):
     assert all(json.loads(after[k][1]) == json.loads(before[k][1]) for k in after)
 
 
-def test_a_different_spec_into_the_same_directory_is_refused(tiny_spec, tmp_path):
-    out = tmp_path / "out"
-    assert run_cli("bench.sweep", str(tiny_spec), "--out", str(out), "--no-report", "--quiet").returncode == 0
+def test_a_different_spec_into_the_same_directory_is_refused(tiny_run, tmp_path):
+    _, out = copy_of(tiny_run, tmp_path)
+    before = stored_rows(out)
     other = tmp_path / "other.toml"
     other.write_text(TINY_SPEC.replace("lr = [0.05]", "lr = [0.02]"))
     proc = run_cli("bench.sweep", str(other), "--out", str(out), "--no-report")
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "--fresh" in proc.stderr
+    assert stored_rows(out) == before
 
 
 FACTORY = '''
@@ -111,6 +134,8 @@ def test_a_job_that_raises_is_a_failed_row_and_is_retried(tmp_path):
     assert all(after[k] == before[k] for k in before if k != failed_id)
 
 
+# 24 jobs in 12 bundles, about 0.08 s each: a kill after 1 or 8 stored jobs still lands with a second
+# or more of the sweep to go (asserted below), and the reference takes under 2 s.
 SLOW_SPEC = """
 name = "slow"
 [grid]
@@ -122,7 +147,7 @@ depth = 3
 name = "teacher"
 n_train = 256
 [train]
-steps = 300
+steps = 100
 batch_size = 64
 """
 
@@ -131,8 +156,7 @@ def test_sigkill_then_rerun_gives_every_job_once_and_the_same_results(tmp_path):
     spec_path = tmp_path / "slow.toml"
     spec_path.write_text(SLOW_SPEC)
     reference = tmp_path / "reference"
-    assert run_cli("bench.sweep", str(spec_path), "--out", str(reference), "--no-report",
-                   "--quiet").returncode == 0
+    assert sweep.main([str(spec_path), "--out", str(reference), "--no-report", "--quiet"]) == 0
     expected = bench.load(reference).runs.set_index("job_id")
     for kill_after in (1, 8):
         out = tmp_path / f"killed{kill_after}"
@@ -144,8 +168,8 @@ def test_sigkill_then_rerun_gives_every_job_once_and_the_same_results(tmp_path):
         proc.wait()
         before = stored_rows(out)
         assert 0 < len(before) < 24, "the kill should land mid-sweep"
-        assert run_cli("bench.sweep", str(spec_path), "--out", str(out), "--no-report",
-                       "--quiet").returncode == 0
+        # The resume, in this process: the store the killed process left is what is under test.
+        assert sweep.main([str(spec_path), "--out", str(out), "--no-report", "--quiet"]) == 0
         after = stored_rows(out)
         assert len(after) == 24
         assert all(after[k] == before[k] for k in before)  # rows stored before the kill unchanged
@@ -181,9 +205,8 @@ def test_dry_run_counts_jobs_and_bundles(tiny_spec):
     assert "12 jobs in 2 bundles" in proc.stdout
 
 
-def test_summarize_default_groups_by_the_grid_axes(tiny_spec, tmp_path):
-    out = tmp_path / "out"
-    assert run_cli("bench.sweep", str(tiny_spec), "--out", str(out), "--no-report", "--quiet").returncode == 0
+def test_summarize_default_groups_by_the_grid_axes(tiny_run):
+    _, out, _ = tiny_run
     summary = bench.summarize(bench.load(out))
     assert list(summary.columns[:3]) == ["init", "depth", "lr"]
     assert isinstance(summary, pd.DataFrame) and len(summary) == 6
