@@ -1,7 +1,9 @@
 """The HTML report: structure, self-containment, escaping, edge cases, and a render in a real browser.
 
-Sweeps run through the real CLI (``python -m bench.sweep``) into ``tmp_path``; the
-sweep writes the report itself, and ``python -m bench.report`` rebuilds it.
+Sweeps write the report themselves into ``tmp_path``; ``python -m bench.report`` rebuilds it.
+The shared ``small`` sweep and the one whose task is user code (run in worker processes, which
+must find it on PYTHONPATH) go through the real CLI (``python -m bench.sweep``); the others run
+``bench.sweep.main`` in this process, the same code without starting Python and torch again.
 """
 
 from __future__ import annotations
@@ -74,12 +76,18 @@ def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.Compl
                           text=True, timeout=300)
 
 
-def _sweep(tmp: Path, spec_text: str, *, expect: int = 0, extra_path: Path | None = None) -> Path:
+def _sweep(tmp: Path, spec_text: str, *, expect: int = 0, extra_path: Path | None = None,
+           cli: bool = False) -> Path:
     spec = tmp / "spec.toml"
     spec.write_text(spec_text)
     out = tmp / "out"
-    proc = _run(["bench.sweep", str(spec), "--out", str(out), "--quiet"], _env(extra_path))
-    assert proc.returncode == expect, proc.stderr
+    if cli or extra_path:
+        proc = _run(["bench.sweep", str(spec), "--out", str(out), "--quiet"], _env(extra_path))
+        assert proc.returncode == expect, proc.stderr
+    else:
+        from bench import sweep
+
+        assert sweep.main([str(spec), "--out", str(out), "--quiet"]) == expect
     assert (out / "report.html").is_file(), "the sweep did not write its report"
     return out
 
@@ -97,7 +105,7 @@ def _sections(page: str) -> None:
 def small(tmp_path_factory) -> Path:
     """2 inits x 2 depths x 2 lrs x 2 seeds, 30 steps: the report of a real (tiny) sweep."""
     return _sweep(tmp_path_factory.mktemp("small"), SMALL.format(name="small", task="teacher",
-                                                                 task_params=TEACHER))
+                                                                 task_params=TEACHER), cli=True)
 
 
 def test_cli_rebuilds_the_report(small):
@@ -285,16 +293,13 @@ def test_median_ci_counts_never_as_infinitely_slow():
     assert np.isnan(median_ci(np.array([np.nan]))[0])
 
 
-def test_a_regression_check_gets_its_own_section(tmp_path):
+def test_a_regression_check_gets_its_own_section(small, tmp_path):
     """bench.regress writes regression.json; the report shows its verdict and every flagged cell."""
-    import json
+    from bench.report import build
 
-    from tests.conftest import TINY_SPEC, run_cli
-
-    spec_path = tmp_path / "tiny.toml"
-    spec_path.write_text(TINY_SPEC)
     out = tmp_path / "out"
-    assert run_cli("bench.sweep", str(spec_path), "--out", str(out), "--no-report", "--quiet").returncode == 0
+    out.mkdir()
+    shutil.copy(small / "store.sqlite", out / "store.sqlite")  # any finished sweep; the check is planted
     (out / "regression.json").write_text(json.dumps({
         "format": "initbench-regression", "version": 1, "baseline": "baselines/x.json", "passed": False,
         "summary": {"text": "regress: 1 regressions <b>bold</b>"},
@@ -305,9 +310,7 @@ def test_a_regression_check_gets_its_own_section(tmp_path):
                   "baseline": 1.0, "current": 1.0, "change_text": "0%", "tolerance": "10%", "q": 1.0,
                   "message": ""}],
         "missing": ["init=orthogonal depth=9"], "new": [], "crashed": {}}))
-    proc = run_cli("bench.report", str(out))
-    assert proc.returncode == 0, proc.stderr
-    page = (out / "report.html").read_text()
+    page = build(out).read_text(encoding="utf-8")
     assert 'id="regression"' in page and "FAIL" in page and 'href="#regression"' in page
     section = page[page.index('id="regression"'):page.index('id="leaderboard"')]
     assert "final_loss +200% exceeds 10%" in section and "init=zeros" not in section
