@@ -146,19 +146,22 @@ def test_compare_lists_missing_and_extra_entries():
                                                               ("bias", "missing", "present")]
 
 
-def test_cli_save_then_against_same_and_different_seed(tmp_path):
+def test_cli_save_then_against_same_and_different_seed(tmp_path, capsys):
+    # In this process: the file round trip is the point; exit 2 and the patched factory below need
+    # a process of their own.
     base = tmp_path / "sub" / "audit.json"
     common = ["--modules", "Linear,Embedding,LayerNorm,GRU,MultiheadAttention", "--draws", "30"]
-    saved = cli(*common, "--save", str(base))
-    assert saved.returncode == 0, saved.stderr
+    assert audit.main([*common, "--save", str(base)]) == 0
     doc = json.loads(base.read_text())
     assert doc["format"] == audit.FORMAT and doc["version"] == audit.VERSION
     assert doc["environment"]["torch_version"] == torch.__version__ and "host" in doc["environment"]
     assert not list(base.parent.glob("*.tmp"))
     for seed in ("0", "1"):
-        checked = cli(*common, "--seed", seed, "--against", str(base))
-        assert checked.returncode == 0, checked.stdout + checked.stderr
-        assert "match" in checked.stdout
+        capsys.readouterr()
+        code = audit.main([*common, "--seed", seed, "--against", str(base)])
+        out, err = capsys.readouterr()
+        assert code == 0, out + err
+        assert "match" in out
 
 
 def test_plain_run_prints_the_fingerprint_table(capsys):
@@ -168,13 +171,15 @@ def test_plain_run_prints_the_fingerprint_table(capsys):
     assert len(out) == 1 + 2 + 4 and "N(0,1)" in out[1] and out[-1].split()[-3] == "zeros"
 
 
-def test_cli_catches_patched_reset_parameters_via_factory(tmp_path):
+def test_cli_catches_patched_reset_parameters_via_factory(tmp_path, monkeypatch, capsys):
+    # Only the patched factory needs a process of its own (importing it patches nn.Linear for good);
+    # the clean one runs in this process.
     (tmp_path / "clean_mod.py").write_text(CLEAN_MOD)
     (tmp_path / "patched_mod.py").write_text(PATCHED_MOD)
+    monkeypatch.syspath_prepend(str(tmp_path))
     base = tmp_path / "base.json"
     common = ["--draws", "100"]
-    saved = cli(*common, "--factory", "clean_mod:build", "--save", str(base), env_path=tmp_path)
-    assert saved.returncode == 0, saved.stderr
+    assert audit.main([*common, "--factory", "clean_mod:build", "--save", str(base)]) == 0
     bad = cli(*common, "--factory", "patched_mod:build", "--seed", "1", "--against", str(base),
               env_path=tmp_path)
     assert bad.returncode == 1, bad.stdout + bad.stderr
@@ -182,9 +187,9 @@ def test_cli_catches_patched_reset_parameters_via_factory(tmp_path):
     flagged = {(r[2], r[3]) for r in rows if len(r) >= 4 and r[0] == "factory"}
     assert {("0.weight", "std"), ("2.weight", "std"), ("0.weight", "scheme")} <= flagged
     assert not {p for p, _ in flagged if p.endswith("bias")}
-    good = cli(*common, "--factory", "clean_mod:build", "--seed", "1", "--against", str(base),
-               env_path=tmp_path)
-    assert good.returncode == 0, good.stdout + good.stderr
+    capsys.readouterr()
+    code = audit.main([*common, "--factory", "clean_mod:build", "--seed", "1", "--against", str(base)])
+    assert code == 0, capsys.readouterr()
 
 
 def test_cli_unknown_module_exits_2_with_one_line():
@@ -275,14 +280,18 @@ def build():
 """
 
 
-def test_factory_names_a_truncated_normal(tmp_path):
+def test_factory_names_a_truncated_normal(tmp_path, monkeypatch, capsys):
     # KS on 2000 values cannot tell a +-2 std cut from the plain normal (the CDFs differ by at most
-    # 0.023); the kurtosis can (-0.634 against 0), and so must the audit.
+    # 0.023); the kurtosis can (-0.634 against 0), and so must the audit. In this process: the
+    # factory patches nothing, so no fresh interpreter is needed.
     (tmp_path / "trunc_mod.py").write_text(TRUNC_MOD)
-    done = cli("--factory", "trunc_mod:build", "--draws", "40", env_path=tmp_path)
-    assert done.returncode == 0, done.stdout + done.stderr
-    rows = {r[2]: r for r in (line.split() for line in done.stdout.splitlines()) if r[0] == "factory"}
-    cols = done.stdout.splitlines()[0].split()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    capsys.readouterr()
+    code = audit.main(["--factory", "trunc_mod:build", "--draws", "40"])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stdout + stderr
+    rows = {r[2]: r for r in (line.split() for line in stdout.splitlines()) if r[0] == "factory"}
+    cols = stdout.splitlines()[0].split()
     trunc, plain = rows["0.weight"], rows["1.weight"]
     assert trunc[cols.index("scheme")] == "trunc_normal(0.02,+-2std)"
     assert plain[cols.index("scheme")] == "N(0,0.02)"
