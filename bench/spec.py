@@ -331,6 +331,45 @@ def _check_rules(jobs: list[Job]) -> None:
         inits.check_rules(models.skeleton("mlp", depth), init_rules, f"[init_rules.{rules}]")
 
 
+def check_structures(jobs: list[Job], where: str) -> None:
+    """Raise a UserError when a scheme needs a structure the model lacks (Fixup on a net without
+    residual blocks): before a sweep plans (``--dry-run`` included), not as a failed job per seed.
+
+    The built-in mlp has no residual blocks and no width to rebuild: known without torch. Other
+    built-in architectures are built on the meta device (nothing drawn or allocated) and the scheme
+    applied, once per distinct model and scheme, which imports torch: so this is not part of
+    :func:`parse`, which stays torch-free. A user factory's structure is checked when its jobs build
+    their models (each fails with the same message): building it here could cost what the user's
+    model costs.
+    """
+    todo = {}
+    for job in jobs:
+        need = schemes.needs(job.init, dict(job.init_params))
+        if not need:
+            continue
+        if job.arch == "mlp":
+            raise UserError(f"{where}: init = {job.init!r} needs {need}; arch 'mlp' has none")
+        if job.arch in names.ARCHS:
+            todo.setdefault((job.arch, job.depth, job.width, job.activation, job.model_params, job.init,
+                             job.init_params, job.init_bias, job.task, job.task_params), job)
+    if not todo:
+        return
+    import torch  # only these checks need a model
+
+    from bench.train import tasks
+    from bench.train.bundle import build_model
+
+    for job in todo.values():
+        data = tasks.load(job.task, job.task_params, job.seed)
+        try:
+            with torch.device("meta"):
+                build_model(job, data)
+        except UserError as err:
+            raise UserError(f"{where}: arch {job.arch!r} with init {job.init!r}: {err}") from None
+        except Exception:  # noqa: BLE001, S112 - an op the meta device lacks: the real build will tell
+            continue
+
+
 def _init_rules_table(table: dict[str, Any]) -> dict[str, tuple[Rule, ...]]:
     """``[[init_rules.<name>]]`` arrays of tables (or ``[init_rules.<name>] rules = [...]``) -> rules."""
     out: dict[str, tuple[Rule, ...]] = {}

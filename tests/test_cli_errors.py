@@ -119,6 +119,20 @@ CASES = [
     Case("jobs-zero", sub=True, args=("--jobs", "0"), needles=("--jobs", "'0'", ">= 1")),
     Case("devices-cuda-7", sub=True, args=("--devices", "cuda:7"), needles=("--devices", "cuda:7")),
     Case("devices-tpu", args=("--devices", "tpu"), needles=("--devices", "'tpu'", "'cpu'", "'cuda'")),
+    # A scheme that needs a structure the model lacks: the mlp (known without torch), and a built-in
+    # built on the meta device (the cnn has no residual blocks; resmlp's blocks have no gates).
+    Case("fixup-on-mlp", edit=('init = ["kaiming_normal", "xavier_uniform"]', 'init = ["fixup"]'),
+         needles=(FILE, "init = 'fixup'", "residual blocks", "arch 'mlp' has none")),
+    Case("mup-on-mlp", edit=('init = ["kaiming_normal", "xavier_uniform"]', 'init = ["mup"]'),
+         needles=(FILE, "init = 'mup'", "rebuilt at another width")),
+    Case("fixup-on-cnn", text=BASE.replace('init = ["kaiming_normal", "xavier_uniform"]', 'init = ["fixup"]')
+         .replace("depth = 2", 'arch = "cnn"\ndepth = 2').replace('name = "teacher"\nn_train = 32',
+                                                                   'name = "digits"\nimages = true'),
+         needles=(FILE, "arch 'cnn' with init 'fixup'", "needs residual blocks")),
+    Case("skipinit-without-gates",
+         text=BASE.replace('init = ["kaiming_normal", "xavier_uniform"]', 'init = ["skipinit"]')
+         .replace("depth = 2", 'arch = "resmlp"\ndepth = 2'),
+         needles=(FILE, "arch 'resmlp' with init 'skipinit'", "branch_gates")),
 ]
 
 

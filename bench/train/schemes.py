@@ -31,9 +31,11 @@ class Declared:
     per_tensor: bool = True  # has a per-tensor form (a rule may name it); else it initializes a whole model
     fans: bool = True  # the per-tensor form reads the fans: it needs a tensor of >= 2 dims
     doc: str = ""
+    needs: str = ""  # the structure the model must have (the built-in mlp has none of them)
 
 
 _RESIDUAL = "residual_inits: residual branches by the block convention; sets biases and norms"
+_BLOCKS = "residual blocks (resmlp, resnet, transformer, or a factory following the block convention)"
 SCHEMES: dict[str, Declared] = {
     "default": Declared({}, named=False, per_tensor=False, doc="each module's own reset_parameters()"),
     "kaiming_uniform": Declared({"gain": "activation", "mode": "fan_in"}, doc="U(+-gain sqrt(3 / fan))"),
@@ -50,18 +52,24 @@ SCHEMES: dict[str, Declared] = {
                      doc="orthonormal, then each layer scaled to unit output variance (Mishkin & Matas)"),
     # Residual-aware schemes (bench.train.residual_inits): they set every bias and norm themselves,
     # so init_bias does not apply to them. Their parameters are residual_inits.RESIDUAL_INITS's.
-    "zero_residual": Declared({}, named=False, per_tensor=False, doc=f"Goyal et al. 2017 ({_RESIDUAL})"),
-    "fixup": Declared({}, named=False, per_tensor=False, doc=f"Zhang, Dauphin & Ma 2019 ({_RESIDUAL})"),
-    "skipinit": Declared({"alpha": 0.0}, named=False, per_tensor=False, doc=f"De & Smith 2020 ({_RESIDUAL})"),
-    "rezero": Declared({}, named=False, per_tensor=False, doc=f"Bachlechner et al. 2020 ({_RESIDUAL})"),
+    "zero_residual": Declared({}, named=False, per_tensor=False, doc=f"Goyal et al. 2017 ({_RESIDUAL})",
+                              needs=_BLOCKS),
+    "fixup": Declared({}, named=False, per_tensor=False, doc=f"Zhang, Dauphin & Ma 2019 ({_RESIDUAL})",
+                      needs=_BLOCKS),
+    "skipinit": Declared({"alpha": 0.0}, named=False, per_tensor=False, doc=f"De & Smith 2020 ({_RESIDUAL})",
+                         needs=_BLOCKS),
+    "rezero": Declared({}, named=False, per_tensor=False, doc=f"Bachlechner et al. 2020 ({_RESIDUAL})",
+                       needs=_BLOCKS),
     "gpt2": Declared({"std": 0.02}, named=False, per_tensor=False,
-                     doc=f"GPT-2 as nanoGPT writes it ({_RESIDUAL})"),
+                     doc=f"GPT-2 as nanoGPT writes it ({_RESIDUAL})", needs=_BLOCKS),
     "small_init": Declared({"d": "width", "wang_outputs": False}, named=False, per_tensor=False,
                            doc="every Linear/Conv/Embedding weight N(0, 2 / (5 d)), d = the model width "
                                "(Nguyen & Salazar 2019)"),
     "mup": Declared({"base_width": 32, "output_mult": 1.0, "readout_zero_init": True,
                      "query_zero_init": True}, named=False, per_tensor=False,
-                    doc="maximal-update parametrization (with its per-parameter learning rates)"),
+                    doc="maximal-update parametrization (with its per-parameter learning rates)",
+                    needs="an architecture that can be rebuilt at another width (resmlp, transformer, "
+                          "or a factory taking 'width')"),
 }
 
 
@@ -71,6 +79,13 @@ def declared(name: str) -> Declared:
         return SCHEMES[name]
     except KeyError:
         raise UserError(f"unknown init {name!r}; choose from {sorted(SCHEMES)}") from None
+
+
+def needs(name: str, params: dict[str, Any]) -> str:
+    """The structure scheme ``name`` with ``params`` needs from the model ("" for none)."""
+    if name == "small_init" and params.get("wang_outputs"):
+        return _BLOCKS  # NeoX's wang_init scales the residual branches' last layers
+    return declared(name).needs
 
 
 def check_param(name: str, key: str, value: Any, where: str) -> Any:
