@@ -42,3 +42,9 @@ def hashed(settings: dict) -> dict:
     """``settings`` without the ones at an :data:`UNHASHED_DEFAULTS` value: what ids are made of."""
     return {k: v for k, v in settings.items()
             if not (k in UNHASHED_DEFAULTS and v == UNHASHED_DEFAULTS[k])}
+
+
+# The residual convention (bench.train.architectures): a residual block is a module named
+# ``blocks.<i>``, at the top level or nested (``encoder.blocks.3``); its output is the residual
+# stream after block i. Engines probe it, the report groups modules by it: one pattern for both.
+BLOCK = r"(?:.*\.)?blocks\.(\d+)"

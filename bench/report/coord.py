@@ -19,9 +19,11 @@ import re
 import numpy as np
 import pandas as pd
 
+from bench import schema
+
 SLOPE_MAX = 0.25  # a module whose coordinates grow faster than width^0.25 is flagged
 STEPS_SHOWN = 4  # panels: step 0 and the next logged steps (mup's check looks at the first few updates)
-BLOCK = re.compile(r"^blocks\.(\d+)(?:\.|$)")  # the residual convention (bench.train.architectures)
+BLOCK = re.compile(rf"^{schema.BLOCK}(?:\.|$)")  # a block or a module inside one: its number
 
 
 def sizes(layers: pd.DataFrame, runs: pd.DataFrame, key: str = "init") -> pd.DataFrame:
@@ -73,7 +75,7 @@ def top_level(modules: pd.Series) -> pd.Series:
     """True for a module outside every residual block: the ``blocks.<i>`` outputs (the residual
     stream after block i) and the modules before and after the blocks (embeddings, stem, head)."""
     names = modules.astype(str)
-    return ~names.str.contains(r"^blocks\.\d+\.", regex=True)
+    return ~names.str.match(rf"{schema.BLOCK}\.")
 
 
 def block_number(modules: pd.Series) -> pd.Series:

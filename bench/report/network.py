@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
+from bench import schema
 from bench.report import coord
 from bench.report.figures import (
     LINESTYLES,
@@ -127,7 +128,7 @@ def _median_panel(ax, grid: Grid, data: pd.DataFrame, x: str, stat: str) -> None
 def _per_block(step0: pd.DataFrame) -> bool:
     """Too many modules for a line per module, and residual blocks to summarize them by."""
     names = pd.Series(step0["layer"].unique()).astype(str)
-    return len(names) > MANY_MODULES and names.str.fullmatch(r"blocks\.\d+").any()
+    return len(names) > MANY_MODULES and names.str.fullmatch(schema.BLOCK).any()
 
 
 def _block_propagation(grid: Grid, step0: pd.DataFrame, note: str) -> Figure:
@@ -135,7 +136,7 @@ def _block_propagation(grid: Grid, step0: pd.DataFrame, note: str) -> Figure:
     title = "Signal propagation at initialization"
     names = step0["layer"].astype(str)
     step0 = step0.assign(block=coord.block_number(names).to_numpy())
-    stream = step0[(step0["param"] == "output") & names.str.fullmatch(r"blocks\.\d+").to_numpy()]
+    stream = step0[(step0["param"] == "output") & names.str.fullmatch(schema.BLOCK).to_numpy()]
     weights = step0[(step0["param"] == "weight") & step0["block"].notna()]
     # A block's gradient norm is the norm of all its weights' gradients together: sqrt of the sum of squares.
     squares = weights.assign(sq=weights["grad_norm"].astype(float) ** 2)

@@ -34,6 +34,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from bench import schema
 from bench.job import Job
 from bench.schema import STATS
 from bench.train import activations, architectures, residual_inits, tasks
@@ -48,7 +49,7 @@ from bench.train.bundle import (
 from bench.train.optim import FlatOptimizer
 from bench.train.probes import catalog, distinct_frac, stats
 
-BLOCK = re.compile(r"(.*\.)?blocks\.\d+$")  # residual blocks: the stream after each is probed
+BLOCK = re.compile(schema.BLOCK)  # residual blocks: the stream after each is probed
 ACTIVATION_TYPES = tuple({type(a.module()) for a in activations.ACTIVATIONS.values()} - {nn.Identity}) + (
     nn.SiLU, nn.Softplus, nn.ELU, nn.Mish, nn.Hardtanh, nn.ReLU6, nn.PReLU)
 PREFLIGHT_RTOL = 1e-4  # one step of the bundle must match the plain loop this closely
