@@ -28,8 +28,9 @@ Every metric is defined here once (and in the README's "Metrics" table):
   targets' mean for regression, the class frequencies for classification).
 - ``weight_growth``: norm of all weights at the last logged step over step 0
   (NaN when the initial weights are all zero).
-- ``signal_error``: median over layers of |log(measured / predicted)| preactivation
-  second moment at step 0, the prediction from mean-field theory (bench.theory).
+- ``signal_error``: median over the predicted rows of |log(measured / predicted)| second
+  moment at step 0: an MLP's preactivations (mean-field theory) or a residual MLP's stem,
+  stream after each block and head (the stream recursion); NaN elsewhere (bench.theory).
 """
 
 from __future__ import annotations

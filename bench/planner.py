@@ -2,7 +2,7 @@
 
 Torch-free for the MLP, so ``--dry-run`` prints a plan without importing torch: the MLP's cost
 is arithmetic, and the CUDA devices are counted by torch only where a GPU driver is present
-(:func:`cuda_count`). Any other architecture is measured by building it (:func:`measured`):
+(:func:`count_cuda`). Any other architecture is measured by building it (:func:`measured`):
 that plan imports torch, because it needs the model.
 """
 

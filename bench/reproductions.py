@@ -631,9 +631,6 @@ def coord_table(results) -> pd.DataFrame:
     return coord.slopes(coord_sizes(results), "init").drop(columns="index")
 
 
-COORD_SLOPE_MAX = coord.SLOPE_MAX  # a module whose coordinates grow faster than width^0.25 is flagged
-
-
 def coord_figure(results, path: Path) -> Path:
     plt = _pyplot()
     sizes = coord_sizes(results)

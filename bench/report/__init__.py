@@ -48,7 +48,7 @@ def render(results, directory: Path) -> str:
     grid = timed("prepare", prepare, results.runs, results.meta)
     regression = tables.regression(directory)
     advice = tables.advice(directory)
-    # Only a sweep along width with traces has a coordinate check; its section is left out otherwise.
+    # Only a sweep along width (>= 2 widths) has a coordinate check; without traces its figure says so.
     coord = None if grid.runs.empty else timed("coord", network.coord_section, grid, results.layers)
     network_at = [s[0] for s in SECTIONS].index("network") + 1
     sections = (SECTIONS[:1] + ((("advice", "Advice"),) if advice else ())

@@ -99,7 +99,7 @@ def check_param(name: str, key: str, value: Any, where: str) -> Any:
         if not isinstance(value, bool):
             raise UserError(f"{where} = {value!r}: expected true or false")
         return value
-    if key == "d":  # small_init's model width: "width" (the job's) or a positive integer
+    if (name, key) == ("small_init", "d"):  # the model width: "width" (the job's) or a positive integer
         if value == "width":
             return value
         if not is_number(value) or value != int(value) or value < 1:
