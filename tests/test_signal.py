@@ -14,10 +14,13 @@ SCHEMES = ["default", "kaiming_normal", "kaiming_uniform", "xavier_uniform", "xa
 
 @pytest.fixture(scope="module")
 def results():
+    # Three seeds at width 256 (half the jobs of six): the one-step ratio averages 17 layers x 3 seeds,
+    # sampling error ~0.01 against the 0.05 tolerance (worst measured 0.023, default init); a wrong
+    # variance map is off by a factor (0.5, 2, 3), not by a few percent.
     text = f"""
 [grid]
 init = {SCHEMES!r}
-seed = [0, 1, 2, 3, 4, 5]
+seed = [0, 1, 2]
 [model]
 depth = 20
 width = 256
