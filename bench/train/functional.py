@@ -301,7 +301,8 @@ def _fit(jobs: list[Job], data: list[tasks.TaskData], built: list[nn.Module], *,
             before = bundle.flat.clone() if probing and t < steps else None
             if t < steps:
                 g = bundle.grad()
-                g[~active] = 0
+                if not bool(active.all()):  # a retired job's gradient can be NaN (0 x inf): no update
+                    g[~active] = 0
                 opt.step(g)
             if before is not None:
                 with torch.no_grad():
