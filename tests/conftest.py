@@ -75,3 +75,16 @@ def tiny_spec(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.toml"
     path.write_text(TINY_SPEC)
     return path
+
+
+# Scheduling. pytest-xdist hands out whole files (--dist loadfile) to two workers on two cores. By
+# default it sorts the files by how many tests they hold, which puts the few-but-long end-to-end files
+# (dask, sweep, faults) last, so that one worker ran alone for their last ~20 s. Instead: the files
+# marked slow first, in file order, and the many quick files after them to even out the finish.
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist >= 3.8
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order kept

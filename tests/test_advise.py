@@ -17,6 +17,9 @@ import pytest
 from bench import advice, spec
 from tests.conftest import run_cli
 
+# Among the longest files: run first (see tests/conftest.py).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def shallow(tmp_path_factory):

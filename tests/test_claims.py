@@ -18,6 +18,9 @@ import torch
 from bench import reproductions, spec
 from tests.test_reproductions import SWEEPS, run_sweep, scaled
 
+# Among the longest files: run first (see tests/conftest.py).
+pytestmark = pytest.mark.slow
+
 torch.set_num_threads(1)
 
 

@@ -18,6 +18,9 @@ import bench
 from bench import sweep
 from tests.conftest import ROOT, run_cli, wait_rows
 
+# Among the longest files: run first (see tests/conftest.py).
+pytestmark = pytest.mark.slow
+
 BIN = Path(sys.executable).parent
 
 

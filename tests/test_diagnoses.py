@@ -27,6 +27,9 @@ from bench.train import bundle, probes, tasks
 from bench.train import stacked as engine
 from tests.test_metrics import as_rows
 
+# Among the longest files: run first (see tests/conftest.py).
+pytestmark = pytest.mark.slow
+
 OVERFLOW = """
 name = "overflow"
 [grid]

@@ -16,6 +16,9 @@ from bench import planner, spec, sweep
 from bench.errors import UserError
 from tests.conftest import QUIET_ENV, ROOT, run_cli, wait_rows
 
+# Among the longest files: run first (see tests/conftest.py).
+pytestmark = pytest.mark.slow
+
 FACTORIES = '''
 import os
 import torch

@@ -28,6 +28,9 @@ from bench.errors import UserError
 from bench.report import build
 from tests.conftest import QUIET_ENV, ROOT, count_rows, run_cli, wait_rows
 
+# Among the longest files: run first (see tests/conftest.py).
+pytestmark = pytest.mark.slow
+
 # Twelve bundles of one job each (every width is its own shape): about half a second each.
 SPEC = """
 name = "long"

@@ -31,6 +31,9 @@ from bench.verdict import (
 )
 from tests.conftest import run_cli
 
+# Among the longest files: run first (see tests/conftest.py).
+pytestmark = pytest.mark.slow
+
 # Depth 3-4 at width 16: deep enough that a 10x smaller default init stalls training and kills
 # units, yet a sweep of 24 jobs takes seconds. Four seeds give the check room to spare.
 SPEC = """

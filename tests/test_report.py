@@ -23,6 +23,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+# Among the longest files: run first (see tests/conftest.py).
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 SECTION_IDS = ("header", "leaderboard", "heatmaps", "depth", "curves", "network", "pathologies", "data")
 DATA_FILES = ("runs.csv", "runs.parquet", "summary.csv", "summary.parquet")

@@ -8,6 +8,9 @@ import pytest
 
 from bench import dispatch, spec, theory
 
+# Among the longest files: run first (see tests/conftest.py).
+pytestmark = pytest.mark.slow
+
 SCHEMES = ["default", "kaiming_normal", "kaiming_uniform", "xavier_uniform", "xavier_normal", "orthogonal",
            "scaled_normal", "mean_field", "lsuv", "zeros"]
 

@@ -20,6 +20,9 @@ import torch
 from bench import dispatch, spec, theory
 from bench.train import architectures
 
+# Among the longest files: run first (see tests/conftest.py).
+pytestmark = pytest.mark.slow
+
 SEEDS = 4
 RESMLP = """
 [grid]

@@ -24,6 +24,9 @@ from bench import spec as spec_mod
 from bench import sweep
 from tests.conftest import QUIET_ENV, ROOT, TINY_SPEC, run_cli, wait_rows
 
+# Among the longest files: run first (see tests/conftest.py).
+pytestmark = pytest.mark.slow
+
 RUN_COLUMNS = ["init", "depth", "width", "activation", "lr", "seed", "task", "optimizer", "job_id", "status",
                "error", "steps_to_target", "final_loss", "best_loss", "loss_auc", "final_val_loss",
                "final_val_acc", "diverged_at", "grad_ratio_init", "act_ratio_init", "dead_frac_init",
