@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -350,17 +351,30 @@ def _tasks(bundles: list[Bundle], cfg: MetricsConfig, threads: int, stopping: Ca
     for i, b in enumerate(bundles):
         if stopping():
             return
-        yield delayed(_tagged)(i, b, cfg, threads)
+        yield delayed(_tagged)(i, b, cfg, threads, tuple(sys.path))
 
 
-def _tagged(index: int, bundle: Bundle, cfg: MetricsConfig, threads: int) -> tuple[int, list[JobResult]]:
+def _tagged(index: int, bundle: Bundle, cfg: MetricsConfig, threads: int,
+            path: tuple[str, ...]) -> tuple[int, list[JobResult]]:
     _leave_sigterm_to_the_sweep()
+    _adopt_path(path)
     return index, run_bundle(bundle.jobs, cfg, bundle.device, threads)
 
 
-def _alone(job: Job, cfg: MetricsConfig, device: str, threads: int) -> list[JobResult]:
+def _alone(job: Job, cfg: MetricsConfig, device: str, threads: int, path: tuple[str, ...]) -> list[JobResult]:
     _leave_sigterm_to_the_sweep()
+    _adopt_path(path)
     return run_bundle((job,), cfg, device, threads)
+
+
+def _adopt_path(path: tuple[str, ...]) -> None:
+    """Put the sweep's import path entries that this worker lacks in front of its own.
+
+    loky reuses its worker processes between sweeps of one Python process, and a worker's
+    sys.path is the parent's at the worker's start: a user factory or task on a path added since
+    (a notebook's ``sys.path.insert``) would not import in a reused worker.
+    """
+    sys.path[:0] = [p for p in path if p not in sys.path]
 
 
 def _leave_sigterm_to_the_sweep() -> None:
@@ -386,7 +400,7 @@ def _isolated(job: Job, cfg: MetricsConfig, device: str, threads: int, cause: st
     """Run one job alone in a fresh single worker process; its death is its failure."""
     executor = get_reusable_executor(max_workers=1)
     try:
-        return _checked(executor.submit(_alone, job, cfg, device, threads).result())
+        return _checked(executor.submit(_alone, job, cfg, device, threads, tuple(sys.path)).result())
     except BrokenProcessPool as err:
         return [record.failed(job, f"{_crash_cause(err)} while training this job alone "
                               f"(retried after its bundle's worker died: {cause})",

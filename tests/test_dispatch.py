@@ -88,3 +88,30 @@ def test_a_training_process_reuses_freed_memory_instead_of_faulting_it_back_in()
     # heap's history; 64 MB is mapped afresh (16,384 pages) on every allocation, always.
     assert faults("default") > 10_000
     assert faults("keep") < 10
+
+
+LATE_TASK = """
+import torch
+
+
+def load(seed):
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(seed))
+    return x, x.sum(1, keepdim=True), x[:16], x[:16].sum(1, keepdim=True)
+"""
+LATE_SPEC = ('[grid]\nseed = [0, 1]\n[model]\ndepth = 2\nwidth = 4\n[task]\nname = "{task}"\n'
+             '[train]\nsteps = 2\nbatch_size = 16\n')
+
+
+def test_a_reused_worker_imports_user_code_from_a_path_added_after_it_started(tmp_path, monkeypatch):
+    """loky reuses its worker processes between sweeps of one Python process (a notebook), and a
+    worker's sys.path is the parent's at its start: user code on a path added since must import."""
+    def run(text: str) -> list:
+        sweep = spec.parse(text)
+        bundles = planner.plan(sweep.jobs(), ["cpu"], max_bundle=1, workers=2)
+        return list(dispatch.execute(bundles, sweep.metrics, workers=2))
+
+    assert [r.status for r in run(LATE_SPEC.format(task="teacher"))] == ["ok", "ok"]  # the pool starts
+    (tmp_path / "latetask.py").write_text(LATE_TASK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    results = run(LATE_SPEC.format(task="latetask:load"))
+    assert [r.status for r in results] == ["ok", "ok"], [r.error for r in results]
