@@ -22,7 +22,6 @@ forward hooks that return them out of the vmapped function.
 from __future__ import annotations
 
 import contextlib
-import copy
 import re
 import time
 import warnings
@@ -107,7 +106,10 @@ class _Bundle:
     """K built models as one flat buffer, stacked buffers and a base module to call functionally."""
 
     def __init__(self, models: list[nn.Module], device: torch.device):
-        self.base = copy.deepcopy(models[0]).to(device)  # real tensors: tied weights stay tied
+        # The first job's own module, not a copy (deepcopy was 8 % of a small job's time in the
+        # loop): functional_call restores what it swaps in, :meth:`unbind` what the loop binds.
+        # Real tensors, not the meta device's: tied weights stay tied.
+        self.base = models[0].to(device)
         self.names = [n for n, _ in self.base.named_parameters()]  # a shared parameter appears once
         self.shapes = [p.shape for _, p in self.base.named_parameters()]
         rows = []
@@ -126,14 +128,17 @@ class _Bundle:
                         for n in buffer_names}
         # Where each parameter and buffer sits in the base module (a tied one at every place it is
         # used): the per-job loop binds a job's tensors there directly, where functional_call would
-        # swap them in and out at every call (about 15 % of a small model's step). The base is the
-        # bundle's own copy: nothing needs restoring.
+        # swap them in and out at every call (about 15 % of a small model's step); :meth:`unbind`
+        # puts the originals back when the fit ends.
         canonical = {id(p): n for n, p in self.base.named_parameters()}
         self.param_slots = [(m, leaf, canonical[id(p)]) for m in self.base.modules()
                             for leaf, p in m._parameters.items() if p is not None]
         canonical = {id(b): n for n, b in self.base.named_buffers()}
         self.buffer_slots = [(m, leaf, canonical[id(b)]) for m in self.base.modules()
                              for leaf, b in m._buffers.items() if b is not None]
+
+        self.originals = [(m._parameters, leaf, m._parameters[leaf]) for m, leaf, _ in self.param_slots] + \
+            [(m._buffers, leaf, m._buffers[leaf]) for m, leaf, _ in self.buffer_slots]
 
     def bind(self, k: int) -> None:
         """Make job k's parameter views and buffers the base module's own (the per-job loop)."""
@@ -144,13 +149,18 @@ class _Bundle:
         for module, leaf, name in self.buffer_slots:
             module._buffers[leaf] = buffers[name]
 
+    def unbind(self) -> None:
+        """Give the base module its own parameters and buffers back (the built model is reused)."""
+        for table, leaf, tensor in self.originals:
+            table[leaf] = tensor
+
     def grad(self) -> torch.Tensor:
         return torch.cat([(self.views[n].grad if self.views[n].grad is not None
                            else torch.zeros_like(self.views[n])).flatten(1) for n in self.names], dim=1)
 
 
-def _call(bundle: _Bundle, x: torch.Tensor, probe: list[str] | None, acts: set[str],
-          vectorize: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _call(bundle: _Bundle, x: torch.Tensor, probe: list[str] | None, acts: set[str], vectorize: bool,
+          math_attention: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Every job's output on its own batch x (K, B, ...), and the probed modules' output stats (K, S)."""
     base = bundle.base
 
@@ -173,14 +183,16 @@ def _call(bundle: _Bundle, x: torch.Tensor, probe: list[str] | None, acts: set[s
                 h.remove()
         return out, captured
 
-    # On the CPU, attention goes through PyTorch's math kernel in both paths: the fused CPU kernel
-    # (flash attention) has no vmap batching rule, so vmap would run it job by job, while the math
-    # path is batched matmuls and a softmax (research/anymodule.md section 1: 1.1-1.5x faster under
-    # vmap). The loop uses the same kernel so that the preflight compares batching alone: with flash
-    # in the loop, Adam's first step turned the kernels' ~1e-7 differences in near-zero gradients
-    # into lr-sized differences, and every transformer bundle fell back. CUDA's fused kernels have
-    # batching rules: kept there.
-    kernels = sdpa_kernel(SDPBackend.MATH) if x.device.type == "cpu" else contextlib.nullcontext()
+    # On the CPU, the vmapped forward runs attention through PyTorch's math kernel: the fused CPU
+    # kernel (flash attention) has no vmap batching rule, so vmap would run it job by job, while
+    # the math path is batched matmuls and a softmax (research/anymodule.md section 1: 1.1-1.5x
+    # faster under vmap). The preflight's lone jobs use it too (``math_attention``), so that it
+    # compares batching alone: with flash there, Adam's first step turned the kernels' ~1e-7
+    # differences in near-zero gradients into lr-sized ones. A job the loop trains keeps the fused
+    # kernel, as the user's own loop would (1.2x faster here); the kernels agree to ~1e-6. CUDA's
+    # fused kernels have batching rules: kept there.
+    math = x.device.type == "cpu" and (vectorize or math_attention)
+    kernels = sdpa_kernel(SDPBackend.MATH) if math else contextlib.nullcontext()
     if vectorize:
         with kernels:
             return vmap(one, in_dims=(0, 0, 0), randomness="error")(bundle.views, bundle.buffers, x)
@@ -193,12 +205,14 @@ def _call(bundle: _Bundle, x: torch.Tensor, probe: list[str] | None, acts: set[s
 
 def _fit(jobs: list[Job], data: list[tasks.TaskData], built: list[nn.Module], *, divergence_ratio: float,
          device: str, probes: bool, keep_params: bool, vectorize: bool,
-         steps: int | None = None, clock: list[float] | None = None, keep_first: int = 0) -> BundleOutput:
+         steps: int | None = None, clock: list[float] | None = None, keep_first: int = 0,
+         math_attention: bool = False) -> BundleOutput:
     """Train a bundle (``vectorize``) or a single job (not) for ``steps`` (default: the jobs' own).
 
     ``clock``, when given, receives the wall time (s) at which step 0 starts and each step ``t`` =
     0 .. steps ends (after the device finished it), for the preflight's timing. ``keep_first``
-    keeps the final parameters of the first jobs only (``keep_params`` keeps every job's).
+    keeps the final parameters of the first jobs only (``keep_params`` keeps every job's);
+    ``math_attention`` runs the per-job loop's attention through the math kernel, as vmap's.
     """
     ref = jobs[0]
     K, L = len(jobs), ref.log_every
@@ -272,7 +286,7 @@ def _fit(jobs: list[Job], data: list[tasks.TaskData], built: list[nn.Module], *,
             y = y_rows.index_select(0, idx).view(K, -1, *y_rows.shape[1:])
             if not bundle.base.training:  # Module.train() walks every module: only when the mode changes
                 bundle.base.train()
-            out, captured = _call(bundle, x, probed if probing else None, acts, vectorize)
+            out, captured = _call(bundle, x, probed if probing else None, acts, vectorize, math_attention)
             loss = loss_per_job(out, y, classes)
             if t == 0:
                 init_loss = loss.detach().clone()
@@ -289,7 +303,7 @@ def _fit(jobs: list[Job], data: list[tasks.TaskData], built: list[nn.Module], *,
             if logged:
                 with torch.no_grad():
                     bundle.base.eval()
-                    vout, _ = _call(bundle, x_val, None, acts, vectorize)
+                    vout, _ = _call(bundle, x_val, None, acts, vectorize, math_attention)
                     val_loss[li] = loss_per_job(vout, y_val, classes)
                     if classes is not None:
                         val_acc[li] = (vout.argmax(-1) == y_val).float().flatten(1).mean(1)
@@ -319,6 +333,7 @@ def _fit(jobs: list[Job], data: list[tasks.TaskData], built: list[nn.Module], *,
             if not bool(active.any()):
                 break
     finally:
+        bundle.unbind()
         if rng is not None:
             rng.__exit__(None, None, None)
     kept = K if keep_params else min(keep_first, K)
@@ -420,7 +435,8 @@ def preflight(jobs: list[Job], data: list[tasks.TaskData], built: list[nn.Module
     for i in range(pair):
         clock: list[float] = []
         alone = _fit([jobs[i]], [data[i]], [built[i]], divergence_ratio=float("inf"), device=device,
-                     probes=False, keep_params=True, vectorize=False, steps=2, clock=clock)
+                     probes=False, keep_params=True, vectorize=False, steps=2, clock=clock,
+                     math_attention=True)
         alone_steps += np.diff(clock)[1:2].tolist()
         a, b = together.losses[:3, i], alone.losses[:3, 0]
         if not np.allclose(a, b, rtol=PREFLIGHT_RTOL, atol=1e-7, equal_nan=True):
