@@ -47,12 +47,24 @@ class FlatOptimizer:
         self.use_wd = any(j.weight_decay for j in jobs)
         self.state: list[torch.Tensor] = []
         self.t = 0
+        # Adam without per-parameter multipliers: PyTorch's fused kernel (torch.optim.Adam's
+        # ``fused=True``), one call per group of jobs sharing their hyperparameters, on rows of the
+        # flat buffers. The whole-buffer arithmetic below makes about ten passes over (K, P); the
+        # kernel one (K = 32 jobs of 70k parameters: 0.5 ms against 4 to 14 ms a step, CPU).
+        self.groups: dict[tuple[float, float, float, float], list[int]] = {}
+        if self.kind == "adam" and lr_scale is None and wd_scale is None and hasattr(torch, "_fused_adam_"):
+            for k, j in enumerate(jobs):
+                self.groups.setdefault((j.lr, j.betas[0], j.betas[1], j.weight_decay), []).append(k)
+        self.retired: set[int] = set()
 
     @torch.no_grad()
     def step(self, grad: torch.Tensor) -> None:
         """One update of every job from the flat gradient ``grad`` (K, P)."""
         self.t += 1
         p = self.flat
+        if self.groups:
+            self._fused_adam(grad)
+            return
         g = grad + self.wd * p if self.use_wd else grad
         if self.kind == "sgd":
             if not self.state:
@@ -70,6 +82,22 @@ class FlatOptimizer:
             denom = (v.sqrt() / bc2.sqrt()).add_(ADAM_EPS)
             p.sub_((self.lr / bc1) * m / denom)
 
+    def _fused_adam(self, grad: torch.Tensor) -> None:
+        """Adam through ``torch._fused_adam_`` (coupled weight decay, as torch.optim.Adam), per group."""
+        if not self.state:
+            self.state.extend([torch.zeros_like(self.flat), torch.zeros_like(self.flat)])
+            self.rows = [t.unbind(0) for t in (self.flat, *self.state)]  # views: fixed storage
+            self.count = torch.zeros((), device=self.flat.device, dtype=torch.float32)
+        self.count.fill_(self.t)  # the kernel reads the step for the bias corrections
+        params, m, v = self.rows
+        grads = grad.contiguous().unbind(0)
+        for (lr, b1, b2, wd), members in self.groups.items():
+            live = [k for k in members if k not in self.retired]
+            if live:
+                torch._fused_adam_([params[k] for k in live], [grads[k] for k in live], [m[k] for k in live],
+                                   [v[k] for k in live], [], [self.count] * len(live), lr=lr, beta1=b1,
+                                   beta2=b2, weight_decay=wd, eps=ADAM_EPS, amsgrad=False, maximize=False)
+
     @torch.no_grad()
     def retire(self, k: int) -> None:
         """Stop job k for good (it diverged): zero its parameters and state, and its learning rate."""
@@ -77,3 +105,4 @@ class FlatOptimizer:
         for s in self.state:
             s[k] = 0
         self.lr[k] = 0
+        self.retired.add(k)
