@@ -1,7 +1,7 @@
 """Any module: K jobs as one vmap bundle against the same K jobs one at a time, in one process.
 
-Three shapes, each at K = 1, 8 and 32 jobs (Adam, 4 learning rates x K/4 seeds, 20 steps,
-probes and validation every 10 steps):
+Three shapes, each at K = 1, 8 and 32 jobs (Adam, 4 learning rates x K/4 seeds, 20 steps or
+100 with ``--bench-full``, probes and validation every 10 steps):
 
 - ``resmlp``: residual MLP, depth 8, width 64, on ``teacher`` (batch 128);
 - ``cnn``: depth 3, width 16, on ``digits`` as (1, 8, 8) images (batch 64);
@@ -54,6 +54,7 @@ from benchmarks.conftest import (
 )
 
 STEPS = 20
+FULL_STEPS = 100  # --bench-full: fixed costs (building, catalogue, preflight) weigh less
 LOG_EVERY = 10
 ROUNDS = 3
 KS = (1, 8, 32)
@@ -107,8 +108,9 @@ def sides(jobs: list[Job], device: str, engines: list[str] | None = None) -> dic
 
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.parametrize("model", list(MODELS))
-def test_anymodule_bundle_vs_plain_loop(benchmark, device, model, k):
-    jobs = model_jobs(model, k)
+def test_anymodule_bundle_vs_plain_loop(benchmark, device, full, model, k):
+    steps = FULL_STEPS if full else STEPS
+    jobs = model_jobs(model, k, steps)
     warm_torch_optim()
     for fn in sides(model_jobs(model, 2, steps=2), device).values():  # first calls of each path
         fn()
@@ -131,7 +133,7 @@ def test_anymodule_bundle_vs_plain_loop(benchmark, device, model, k):
     med = {side: median(t) for side, t in times.items()}
     target = TARGETS.get((model, k))
     speedup = med["plain"] / med["vmap"]
-    record(benchmark, device=device, model=model, K=k, steps=STEPS, rounds=ROUNDS,
+    record(benchmark, device=device, model=model, K=k, steps=steps, rounds=ROUNDS,
            load_1min=[load_before, load_after],  # other work on the machine inflates the plain loop most
            **{f"{side}_s": times[side] for side in (*SIDES, "vmap")},
            **{f"{side}_median_s": med[side] for side in (*SIDES, "vmap")},
@@ -146,12 +148,13 @@ def test_anymodule_bundle_vs_plain_loop(benchmark, device, model, k):
 
 
 @pytest.mark.parametrize("k", (8, 32))
-def test_mlp_stacked_engine_vs_vmap(benchmark, device, k):
+def test_mlp_stacked_engine_vs_vmap(benchmark, device, full, k):
     """The hand-stacked MLP engine against the any-module vmap engine on the same MLP jobs (issue 13:
     keep the stacked engine only where it measurably wins). Timed side: ``stacked.train``."""
     from bench.train import stacked
 
-    jobs = model_jobs("mlp", k)
+    steps = FULL_STEPS if full else STEPS
+    jobs = model_jobs("mlp", k, steps)
     for fn in (lambda: stacked.train(jobs[:2], device=device),
                quiet(lambda: functional.train(jobs[:2], device=device, vectorize=True))):
         fn()
@@ -161,7 +164,7 @@ def test_mlp_stacked_engine_vs_vmap(benchmark, device, k):
                        setup=lambda: vmap_times.append(seconds(vmapped, device)), rounds=ROUNDS,
                        warmup_rounds=0)
     stacked_times = timed_rounds(benchmark)
-    record(benchmark, device=device, model="mlp", K=k, steps=STEPS, rounds=ROUNDS, stacked_s=stacked_times,
+    record(benchmark, device=device, model="mlp", K=k, steps=steps, rounds=ROUNDS, stacked_s=stacked_times,
            vmap_s=vmap_times, stacked_over_vmap=median(vmap_times) / median(stacked_times),
            stacked_over_vmap_paired=paired_ratio(vmap_times, stacked_times))
 
