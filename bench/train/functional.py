@@ -402,15 +402,16 @@ def preflight(jobs: list[Job], data: list[tasks.TaskData], built: list[nn.Module
               device: str = "cpu", timed: bool = True) -> str | None:
     """Why the bundle should train its jobs one at a time, or None when vmap is exact and no slower.
 
-    One step of the whole bundle through ``vmap`` and of two of its jobs alone through the per-job
-    loop. Reasons to fall back, in order: vmap raises (it cannot batch the module: ``.item()``,
-    data-dependent control flow, random draws); vmap has no batching rule for an operator (it
-    would run it job by job, with its own overhead on top); the two jobs' losses (and under SGD
-    their updated parameters) differ by more than ``PREFLIGHT_RTOL``; or the loop is faster. The fits run two
-    steps; speed is step 1, a training step (forward, backward, update) without the validation
-    pass of the logged steps 0 and 2 (with a validation set 8x the batch, that pass would decide
-    alone): the bundle's time against K times the faster lone job's, all from this one call, so
-    the machine's load at that moment weighs on both. ``timed=False`` checks exactness only.
+    Two steps of the whole bundle through ``vmap`` and of two of its jobs alone through the
+    per-job loop. Reasons to fall back, in order: vmap raises (it cannot batch the module:
+    ``.item()``, data-dependent control flow, random draws); vmap has no batching rule for an
+    operator (it would run it job by job, with its own overhead on top); the two jobs' losses
+    (and under SGD their updated parameters) differ by more than ``PREFLIGHT_RTOL``; or the loop
+    is faster. Speed is step 1, a training step (forward, backward, update) without the
+    validation pass of the logged steps 0 and 2 (with a validation set 8x the batch, that pass
+    would decide alone): the bundle's time against K times the faster lone job's, all from this
+    one call, so the machine's load at that moment weighs on both. ``timed=False`` checks
+    exactness only.
     Out of memory is not a reason: it is raised, for the dispatcher to split the bundle.
 
     Raises:
