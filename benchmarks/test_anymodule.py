@@ -203,23 +203,24 @@ def table(results: dict) -> str:
 
 def best_table(files: list[dict]) -> str:
     """The best round of each side over every run given (closest to an idle machine), as markdown."""
-    best: dict[tuple[str, int], dict[str, float]] = {}
+    best: dict[tuple[str, int, int], dict[str, float]] = {}  # (model, K, steps): runs of one length
     for results in files:
         for b in results["benchmarks"]:
             if not b["name"].startswith("test_anymodule"):
                 continue
             e = b["extra_info"]
-            cell = best.setdefault((e["model"], e["K"]), {})
+            cell = best.setdefault((e["model"], e["K"], e["steps"]), {})
             for side in (*SIDES, "vmap"):
                 rounds = e.get(f"{side}_s") or []
                 if rounds:
                     cell[side] = min(cell.get(side, float("inf")), *rounds)
     lines = [f"best round of each side over {len(files)} run(s) (seconds per bundle of K jobs)", "",
-             "| model | K | plain loop (s) | `vectorize=False` (s) | auto (s) | `vectorize=True` (s) "
+             "| model | K | steps | plain loop (s) | `vectorize=False` (s) | auto (s) | `vectorize=True` (s) "
              "| speed-up vmap | speed-up auto | vmap / loop |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for (model, k), c in sorted(best.items(), key=lambda i: (list(MODELS).index(i[0][0]), i[0][1])):
-        lines.append(f"| {model} | {k} | {c['plain']:.3f} | {c['loop']:.3f} | {c['auto']:.3f} "
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    order = sorted(best, key=lambda cell: (cell[2], list(MODELS).index(cell[0]), cell[1]))
+    for (model, k, steps), c in ((cell, best[cell]) for cell in order):
+        lines.append(f"| {model} | {k} | {steps} | {c['plain']:.3f} | {c['loop']:.3f} | {c['auto']:.3f} "
                      f"| {c['vmap']:.3f} | **{c['plain'] / c['vmap']:.2f}x** | {c['plain'] / c['auto']:.2f}x "
                      f"| {c['loop'] / c['vmap']:.2f}x |")
     return "\n".join(lines) + "\n"
