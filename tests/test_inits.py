@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from bench import spec
 from bench.errors import UserError
-from bench.train import bundle, inits, models, tasks
+from bench.train import bundle, inits, models, schemes, tasks
 
 torch.set_num_threads(1)
 
@@ -46,7 +46,7 @@ def linears(fan_in: int, fan_out: int, n_layers: int | None = None, bias: bool =
 def init(model: nn.Module, name: str, activation: str = "relu", params: dict | None = None,
          init_bias: str | float = "auto", seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    ctx = inits.InitContext(activation=activation, params=inits.resolve_params(name, params or {}))
+    ctx = inits.InitContext(activation=activation, params=schemes.resolve_params(name, params or {}))
     inits.apply(model, name, ctx, init_bias)
     return model
 
@@ -300,7 +300,7 @@ def test_lsuv_normalizes_every_layer(tol):
     torch.manual_seed(0)
     model = models.mlp(128, 128, 10, 128, "relu")
     x = torch.randn(512, 128)
-    params = inits.resolve_params("lsuv", {} if tol is None else {"tol": tol})
+    params = schemes.resolve_params("lsuv", {} if tol is None else {"tol": tol})
     ctx = inits.InitContext("relu", params, data=x, forward=models.preactivations)
     inits.apply(model, "lsuv", ctx)
     with torch.no_grad():

@@ -23,7 +23,7 @@ from torch import nn
 
 from bench import spec, theory
 from bench.errors import UserError
-from bench.train import inits
+from bench.train import inits, schemes
 from tests.test_inits import MIN_DRAWS, SE, check_normal, check_uniform
 
 torch.set_num_threads(1)
@@ -83,7 +83,7 @@ def copies(build, n_values: int) -> nn.ModuleList:
 def init(model: nn.Module, name: str, params: dict | None = None, activation: str | None = "relu",
          seed: int = 0, init_bias: str | float = "auto", rules=()) -> nn.Module:
     torch.manual_seed(seed)
-    inits.apply(model, name, inits.InitContext(activation, inits.resolve_params(name, params or {})),
+    inits.apply(model, name, inits.InitContext(activation, schemes.resolve_params(name, params or {})),
                 init_bias, rules)
     return model
 
@@ -250,7 +250,7 @@ def test_lsuv_on_a_conv_net_with_batchnorm():
     model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.BatchNorm2d(16), nn.ReLU(),
                           nn.ConvTranspose2d(16, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
     x = torch.randn(64, 3, 10, 10) * 3.0
-    ctx = inits.InitContext("relu", inits.resolve_params("lsuv", {"tol": 0.05}), data=x)
+    ctx = inits.InitContext("relu", schemes.resolve_params("lsuv", {"tol": 0.05}), data=x)
     inits.apply(model, "lsuv", ctx)
     bn = model[3]  # LSUV's forward passes must not leave running statistics behind
     assert torch.all(bn.running_mean == 0) and torch.all(bn.running_var == 1) and bn.num_batches_tracked == 0
@@ -262,7 +262,7 @@ def test_lsuv_on_embedding_and_attention():
     torch.manual_seed(0)
     model = Block()
     tokens = torch.randint(1, 50, (32, 12))
-    inits.apply(model, "lsuv", inits.InitContext(None, inits.resolve_params("lsuv", {}), data=tokens))
+    inits.apply(model, "lsuv", inits.InitContext(None, schemes.resolve_params("lsuv", {}), data=tokens))
     variances = _unit_variances(model, tokens, (nn.Embedding, nn.MultiheadAttention, nn.Conv1d,
                                                 nn.ConvTranspose1d, Custom, nn.Linear))
     assert set(variances) == {"emb", "attn", "conv", "up", "mix", "head"}
@@ -279,7 +279,7 @@ class Net(nn.Module):
 
 
 def rules(*tables: dict) -> tuple[inits.Rule, ...]:
-    return tuple(inits.parse_rule(t, f"rule {i}") for i, t in enumerate(tables, 1))
+    return tuple(schemes.parse_rule(t, f"rule {i}") for i, t in enumerate(tables, 1))
 
 
 def test_rules_apply_after_the_scheme_in_order():
@@ -335,7 +335,7 @@ BAD_RULES = [
 @pytest.mark.parametrize(("table", "needle"), BAD_RULES, ids=[n for _, n in BAD_RULES])
 def test_bad_rules_are_user_errors(table, needle):
     with pytest.raises(UserError, match=r"^rule 1") as info:
-        inits.parse_rule(table, "rule 1")
+        schemes.parse_rule(table, "rule 1")
     assert needle in str(info.value)
 
 
@@ -458,7 +458,7 @@ def test_trunc_normal_bounds_are_in_units_of_std():
     # torch.nn.init.trunc_normal_(w, std=0.02) with its default a=-2, b=2 cuts at 100 std: no cut at all.
     w = init(nn.Linear(256, 256), "trunc_normal").weight
     assert w.abs().max() <= 0.04 * (1 + 1e-6)
-    assert inits.check_param("trunc_normal", "a", -3, "x") == -3.0
+    assert schemes.check_param("trunc_normal", "a", -3, "x") == -3.0
     with pytest.raises(UserError, match="must be below b"):
         spec.parse('[model]\ninit = "trunc_normal"\n[init_params.trunc_normal]\na = 1\nb = 1\n', "t.toml")
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from bench import spec
 from bench.train import architectures as A
-from bench.train import functional, inits, tasks
+from bench.train import functional, inits, schemes, tasks
 from bench.train import residual_inits as R
 from bench.train.bundle import build_model, loss_per_job
 
@@ -56,7 +56,7 @@ ARCHS = {"mlp": MLP, "resmlp": lambda in_shape, out_dim, *, width: A.resmlp(in_s
 def ours(arch: str, width: int, seed: int, **params) -> nn.Module:
     torch.manual_seed(seed)
     model = ARCHS[arch](IN, OUT, width=width)
-    ctx = inits.InitContext("relu", inits.resolve_params("mup", {"base_width": BASE, **params}),
+    ctx = inits.InitContext("relu", schemes.resolve_params("mup", {"base_width": BASE, **params}),
                             rebuild=lambda width: ARCHS[arch](IN, OUT, width=width), width=width)
     inits.apply(model, "mup", ctx)
     return model

@@ -18,6 +18,7 @@ from bench.errors import UserError
 from bench.train import architectures as A
 from bench.train import inits as I
 from bench.train import residual_inits as R
+from bench.train import schemes
 
 torch.set_num_threads(1)
 
@@ -235,13 +236,13 @@ def test_small_init_d_given_overrides_the_width():
 def test_small_init_draws_a_multihead_attention_in_projection():
     torch.manual_seed(0)
     model = nn.ModuleList(nn.MultiheadAttention(64, 4) for _ in range(4))
-    I.apply(model, "small_init", I.InitContext(None, I.resolve_params("small_init", {}), width=64))
+    I.apply(model, "small_init", I.InitContext(None, schemes.resolve_params("small_init", {}), width=64))
     assert_std([m.in_proj_weight for m in model] + [m.out_proj.weight for m in model], math.sqrt(2 / 320))
     assert all(zero(m.in_proj_bias) and zero(m.out_proj.bias) for m in model)
 
 
 def test_small_init_without_a_width_asks_for_d():
-    ctx = I.InitContext(None, I.resolve_params("small_init", {}))  # a factory with no width setting
+    ctx = I.InitContext(None, schemes.resolve_params("small_init", {}))  # a factory with no width setting
     with pytest.raises(UserError, match=re.escape("has no width setting; give one: "
                                                   "[init_params.small_init] d = <width>")):
         I.apply(nn.Linear(4, 4), "small_init", ctx)

@@ -44,7 +44,7 @@ from torch import nn
 from bench.errors import UserError
 from bench.job import Rule
 from bench.train import activations, residual_inits, schemes
-from bench.train.schemes import BIAS_MODES, check_param, parse_rule, resolve_params  # noqa: F401 (the API)
+from bench.train.schemes import resolve_params
 
 # Norm layers whose affine pair every named scheme sets to (1, 0), as their constructors do.
 NORMS: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
