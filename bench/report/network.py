@@ -154,7 +154,8 @@ def _block_propagation(grid: Grid, step0: pd.DataFrame, note: str) -> Figure:
             ax.set(title=name, xlabel=BLOCK_LABEL, ylabel=f"{ylabel} (log scale)")
         if len(theory):
             _theory_panel(axes[2], grid, theory.assign(index=theory["block"]))
-            axes[2].set(title="residual stream q vs theory", xlabel=BLOCK_LABEL)
+            axes[2].set(title="residual stream q vs theory", xlabel=BLOCK_LABEL,
+                        ylabel="second moment q of the stream (log scale)")
         legend(fig, grid, present(grid, step0["scheme"]), marker="o")
         fig.suptitle(title, fontweight="bold")
     n = step0["layer"].nunique()
