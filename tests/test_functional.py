@@ -115,6 +115,22 @@ def gpt(in_shape, out_dim, *, width=16):
     return TinyGPT(out_dim, in_shape[0], width)
 
 
+class BoolMaskGPT(TinyGPT):
+    """A causal mask built in the forward as booleans: in eval mode (validation), MHA's fused
+    inference path would run, which vmap cannot batch."""
+
+    def forward(self, x):
+        h = self.tok(x) + self.pos
+        a = self.ln(h)
+        mask = torch.triu(torch.ones(x.shape[-1], x.shape[-1], dtype=torch.bool), 1)
+        h = h + self.attn(a, a, a, attn_mask=mask, need_weights=False)[0]
+        return self.head(h)
+
+
+def gpt_boolmask(in_shape, out_dim, *, width=16):
+    return BoolMaskGPT(out_dim, in_shape[0], width)
+
+
 class MaxNorm(nn.Module):
     """A max-norm constraint in the forward (torch.renorm: vmap has no batching rule for it)."""
 
@@ -316,6 +332,13 @@ def test_attention_is_batched_under_vmap():
     assert not [w for w in caught if "batching rule" in str(w.message)]
     functional.train(jobs_of(TRANSFORMER)[:2], on_engine=lambda e, why: used.update(engine=e, why=why))
     assert used["engine"] == "vmap" or "was faster" in used["why"], used
+
+
+def test_multihead_attention_with_a_boolean_mask_is_vectorized():
+    jobs = jobs_of(GPT.format(arch="usernets:gpt_boolmask"))[:2]
+    data = [tasks.load(j.task, j.task_params, j.seed) for j in jobs]
+    built = [build_model(j, d) for j, d in zip(jobs, data)]
+    assert functional.preflight(jobs, data, built, timed=False) is None
 
 
 def test_the_loop_is_reproducible_with_dropout():

@@ -25,7 +25,7 @@ import contextlib
 import re
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -159,6 +159,19 @@ class _Bundle:
                            else torch.zeros_like(self.views[n])).flatten(1) for n in self.names], dim=1)
 
 
+@contextlib.contextmanager
+def _mha_fastpath_off() -> Iterator[None]:
+    """nn.MultiheadAttention without its fused inference path (``_native_multi_head_attention``,
+    taken in eval mode, e.g. the validation pass): vmap has no batching rule for it, so a
+    transformer with a boolean mask fell back to the loop. The unfused path computes the same."""
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
+
+
 def _call(bundle: _Bundle, x: torch.Tensor, probe: list[str] | None, acts: set[str], vectorize: bool,
           math_attention: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Every job's output on its own batch x (K, B, ...), and the probed modules' output stats (K, S)."""
@@ -194,7 +207,7 @@ def _call(bundle: _Bundle, x: torch.Tensor, probe: list[str] | None, acts: set[s
     math = x.device.type == "cpu" and (vectorize or math_attention)
     kernels = sdpa_kernel(SDPBackend.MATH) if math else contextlib.nullcontext()
     if vectorize:
-        with kernels:
+        with kernels, _mha_fastpath_off():
             return vmap(one, in_dims=(0, 0, 0), randomness="error")(bundle.views, bundle.buffers, x)
     # The loop: job 0 alone (a bundle of one), called directly; its outputs and stats get K = 1.
     bundle.bind(0)  # fresh views every call: each step's graph starts at the leaves
