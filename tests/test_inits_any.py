@@ -485,3 +485,21 @@ def test_a_rules_sweep_runs_end_to_end(tmp_path):
     # theory predicts the scheme, not what rules change after it: no q_pred for ruled jobs
     assert start.loc[start["rules"] != "none", "q_pred"].isna().all()
     assert start.loc[(start["rules"] == "none") & (start["param"] == "preact"), "q_pred"].notna().all()
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(50, 64)
+        self.head = nn.Linear(64, 50, bias=False)
+        self.head.weight = self.tok.weight  # tied, as GPT-2's head
+
+
+def test_default_keeps_a_tied_weight_as_constructed():
+    """Re-running every reset would leave the head's U(+-1/8) on the shared tensor (its reset runs
+    last); the constructor's tying keeps the embedding's N(0, 1)."""
+    torch.manual_seed(0)
+    model = _Tied()
+    inits.apply(model, "default", inits.InitContext("relu", {}))
+    assert model.head.weight is model.tok.weight
+    assert 0.9 < float(model.tok.weight.std()) < 1.1

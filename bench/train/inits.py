@@ -249,10 +249,22 @@ def _resets(model: nn.Module) -> Iterator[nn.Module]:
 def _default(model: nn.Module, ctx: InitContext) -> None:
     # Each module's own reset: whatever this PyTorch version draws. nn.MultiheadAttention and
     # nn.Transformer call theirs _reset_parameters; a module with neither keeps its constructor's values.
+    # A tensor two modules share (a head tied to the embedding) keeps the value it was built with:
+    # resetting both would leave whichever reset ran last (the head's U(+-1/sqrt(d)) over the
+    # embedding's N(0, 1)), while tying in a constructor keeps the tensor of the module it came from.
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    tied = {id(p): p.detach().clone() for p in model.parameters() if owners[id(p)] > 1}
     for module in _resets(model):
         reset = getattr(module, "reset_parameters", None) or getattr(module, "_reset_parameters", None)
         if callable(reset):
             reset()
+    with torch.no_grad():
+        for p in model.parameters():
+            if id(p) in tied:
+                p.copy_(tied[id(p)])
 
 
 def _lsuv_units(model: nn.Module) -> dict[nn.Module, list[torch.Tensor]]:
