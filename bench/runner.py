@@ -114,7 +114,7 @@ def _sweep(spec_path: str, args: RunOptions, stop: threading.Event) -> int:
 
     sweep = spec.load(spec_path)
     jobs = sweep.jobs()
-    spec.check_structures(jobs, str(spec_path))
+    spec.check_models(jobs, str(spec_path))
     runtime = sweep.runtime
     devices = planner.parse_devices(args.devices or runtime.devices)
     backend = args.backend or runtime.backend

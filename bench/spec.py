@@ -331,27 +331,27 @@ def _check_rules(jobs: list[Job]) -> None:
         inits.check_rules(models.skeleton("mlp", depth), init_rules, f"[init_rules.{rules}]")
 
 
-def check_structures(jobs: list[Job], where: str) -> None:
-    """Raise a UserError when a scheme needs a structure the model lacks (Fixup on a net without
-    residual blocks): before a sweep plans (``--dry-run`` included), not as a failed job per seed.
+def check_models(jobs: list[Job], where: str) -> None:
+    """Raise a UserError, before a sweep plans (``--dry-run`` included), when a job's model cannot
+    take its init: a scheme that needs a structure the model lacks (Fixup without residual
+    blocks), or an init rule that matches none of its parameters. Not one failed job per seed.
 
-    The built-in mlp has no residual blocks and no width to rebuild: known without torch. Other
-    built-in architectures are built on the meta device (nothing drawn or allocated) and the scheme
-    applied, once per distinct model and scheme, which imports torch: so this is not part of
-    :func:`parse`, which stays torch-free. A user factory's structure is checked when its jobs build
-    their models (each fails with the same message): building it here could cost what the user's
-    model costs.
+    The built-in mlp is known without torch (its rules are checked when the spec is read). Any
+    other architecture, built-in or a user's factory, is built on the meta device (nothing drawn,
+    nothing allocated) and initialized, once per distinct model, init and rule set. That imports
+    torch, so it is not part of :func:`parse`, which stays torch-free. A factory that cannot be
+    built on the meta device is left to its jobs, which fail with the same message.
     """
     todo = {}
     for job in jobs:
         need = schemes.needs(job.init, dict(job.init_params))
-        if not need:
-            continue
         if job.arch == "mlp":
-            raise UserError(f"{where}: init = {job.init!r} needs {need}; arch 'mlp' has none")
-        if job.arch in names.ARCHS:
+            if need:
+                raise UserError(f"{where}: init = {job.init!r} needs {need}; arch 'mlp' has none")
+            continue
+        if need or job.init_rules:
             todo.setdefault((job.arch, job.depth, job.width, job.activation, job.model_params, job.init,
-                             job.init_params, job.init_bias, job.task, job.task_params), job)
+                             job.init_params, job.init_bias, job.rules, job.task, job.task_params), job)
     if not todo:
         return
     import torch  # only these checks need a model

@@ -448,3 +448,20 @@ def test_mup_sgd_decay_step_is_width_independent():
     without = functional.train([bare], keep_params=True, vectorize=True)[0].final_params[0]
     for p0, a, b in zip(start, with_wd, without, strict=True):
         torch.testing.assert_close(a - b, -base.lr * base.weight_decay * p0, rtol=1e-4, atol=1e-6)
+
+
+def test_a_rule_or_scheme_a_user_factory_cannot_take_is_exit_2_before_training(tmp_path, capsys):
+    """Built on the meta device at plan time: a rule glob that matches nothing and Fixup on a
+    factory without residual blocks are one line and exit 2, --dry-run included."""
+    from bench import sweep
+
+    rules = USER + '[init_rules.zero_head]\nrules = [{match = "haed.weight", value = 0.0}]\n'
+    rules = rules.replace('seed = [0, 1]', 'seed = [0, 1]\nrules = ["zero_head"]')
+    noisy = USER.replace('"usernets:build"', '"usernets:noisy"').replace("channels = 4", "").replace(
+        'init = ["default", "orthogonal"]', 'init = ["fixup"]')
+    for text, words in ((rules, "[init_rules.zero_head] rule 1"), (noisy, "needs residual blocks")):
+        path = tmp_path / "spec.toml"
+        path.write_text(textwrap.dedent(text))
+        assert sweep.main([str(path), "--dry-run", "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(path) in err[0] and words in err[0], err

@@ -85,7 +85,7 @@ def build_model(job: Job, data: tasks.TaskData) -> nn.Module:
             ctx = inits.InitContext(activation=settings.get("activation"), params=dict(job.init_params),
                                     data=data.x_train[first], rebuild=rebuild,
                                     width=settings.get("width"))
-        inits.apply(model, job.init, ctx, job.init_bias, job.init_rules)
+        inits.apply(model, job.init, ctx, job.init_bias, job.init_rules, f"[init_rules.{job.rules}]")
     return model
 
 

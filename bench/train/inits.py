@@ -353,8 +353,8 @@ def _mup(model: nn.Module, ctx: InitContext) -> None:
     twice that, then ``residual_inits.mup_``. The base shapes stay on the model (``mup_base_shapes``):
     the engines read each parameter's learning-rate multiplier from them (``mup_lr_multipliers``)."""
     if ctx.rebuild is None:
-        raise UserError("init 'mup' needs an architecture whose width can change (a built-in such as "
-                        "resmlp or transformer, or a factory taking 'width'), not the MLP")
+        raise UserError("init 'mup' needs an architecture that can be rebuilt at another width (a "
+                        "built-in such as resmlp or transformer, or a factory taking a 'width' setting)")
     params = dict(ctx.params)
     base_width = int(params.pop("base_width"))
     shapes = residual_inits.width_shapes(lambda in_shape, out_dim, width, **kw: ctx.rebuild(width=width),
@@ -444,7 +444,7 @@ def apply_rules(model: nn.Module, rules: Sequence[Rule], ctx: InitContext, where
 
 
 def apply(model: nn.Module, name: str, ctx: InitContext, init_bias: str | float = "auto",
-          rules: Sequence[Rule] = ()) -> None:
+          rules: Sequence[Rule] = (), rules_where: str = "init rules") -> None:
     """Initialize ``model`` in place with scheme ``name``, then its ``rules``.
 
     Args:
@@ -494,4 +494,4 @@ def apply(model: nn.Module, name: str, ctx: InitContext, init_bias: str | float 
         entry.apply(model, ctx)
         set_biases()
     if rules:
-        apply_rules(model, rules, ctx)
+        apply_rules(model, rules, ctx, rules_where)
