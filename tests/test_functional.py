@@ -465,3 +465,17 @@ def test_a_rule_or_scheme_a_user_factory_cannot_take_is_exit_2_before_training(t
         assert sweep.main([str(path), "--dry-run", "--out", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and str(path) in err[0] and words in err[0], err
+
+
+def test_he_drawing_residual_schemes_ask_for_a_gain_on_a_factory_without_activation():
+    """zero_residual and Fixup draw He weights: a factory with no activation setting has no gain to
+    use, so the spec asks for one instead of assuming ReLU's; given, it is used."""
+    text = USER.replace('init = ["default", "orthogonal"]', 'init = ["zero_residual"]')
+    with pytest.raises(UserError, match=r"\[init_params.zero_residual\] gain: usernets:build takes no "
+                                        r"activation setting.*gain = <number>"):
+        spec.parse(textwrap.dedent(text))
+    (job,) = jobs_of(text + "[init_params.zero_residual]\ngain = 1.0\n")[:1]
+    model = build_model(job, tasks.load(job.task, job.task_params, job.seed))
+    w = model.blocks[0].conv1.weight  # a branch's first layer: He with gain 1, fan_in = 4 x 3 x 3
+    assert abs(float(w.std()) - 1.0 / 6.0) < 0.05
+    assert float(model.blocks[0].conv2.weight.abs().max()) == 0.0  # the branch's end starts at zero

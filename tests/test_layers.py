@@ -221,8 +221,10 @@ def test_the_declarations_and_the_torch_registries_name_the_same_things():
     assert set(inits.WHOLE_MODEL) == {n for n, d in schemes.SCHEMES.items() if not d.per_tensor}
     for name, entry in residual_inits.RESIDUAL_INITS.items():  # a residual scheme's own parameters
         if name in schemes.SCHEMES:
-            # inits' wrappers consume muP's base_width and small_init's d (the model width) themselves
-            declared = {k: v for k, v in schemes.SCHEMES[name].params.items() if k not in ("base_width", "d")}
+            # inits' wrappers consume muP's base_width, small_init's d (the model width) and the He
+            # schemes' gain themselves
+            declared = {k: v for k, v in schemes.SCHEMES[name].params.items()
+                        if k not in ("base_width", "d", "gain")}
             assert declared == entry.params, name
     assert set(names.ACTIVATIONS) == set(activations.ACTIVATIONS)
     assert set(names.ARCHS) == set(models.ARCHS) | set(architectures.ARCHITECTURES)

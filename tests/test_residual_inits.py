@@ -599,3 +599,12 @@ def test_gpt2_draws_a_multihead_attention_in_projection():
     assert_std([b.attn.in_proj_weight for b in model.blocks], 0.02)
     assert_std([b.attn.out_proj.weight for b in model.blocks], 0.02 / math.sqrt(4))
     assert all(zero(b.attn.in_proj_bias) and zero(b.attn.out_proj.bias) for b in model.blocks)
+
+
+def test_he_base_draws_a_multihead_attention_in_projection():
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.blocks = nn.ModuleList(_AttentionBlock(64) for _ in range(4))
+    R.zero_residual_(model)
+    assert_std([b.attn.in_proj_weight for b in model.blocks], math.sqrt(2 / 64))  # He, fan_in = 64
+    assert all(zero(b.attn.in_proj_bias) and zero(b.attn.out_proj.weight) for b in model.blocks)

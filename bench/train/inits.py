@@ -330,7 +330,16 @@ def _residual(name: str) -> Callable[[nn.Module, InitContext], None]:
     """A residual-aware scheme of bench.train.residual_inits as a registry entry."""
     def apply(model: nn.Module, ctx: InitContext) -> None:
         scheme = residual_inits.RESIDUAL_INITS[name]
-        scheme.apply(model, activation=ctx.activation or "relu", **ctx.params)
+        params = dict(ctx.params)
+        gain = params.pop("gain", None)  # the He-drawing schemes: a number, or "activation"
+        if gain is None or gain == "activation":
+            if gain == "activation" and ctx.activation is None:
+                raise UserError(f"init {name!r} draws He weights with the activation's gain, and this model "
+                                f"has no activation setting; give one: [init_params.{name}] gain = <number> "
+                                "(e.g. 1.414 for relu)")
+            scheme.apply(model, activation=ctx.activation or "relu", **params)
+        else:
+            scheme.apply(model, activation=float(gain), **params)
 
     return apply
 

@@ -91,10 +91,12 @@ def _scalars(model: nn.Module, attr: str) -> list[torch.Tensor]:
 # --------------------------------------------------------------------------- shared pieces
 
 
-def he_normal_(w: torch.Tensor, activation: str, scale: float = 1.0) -> None:
-    """N(0, (scale * gain / sqrt(fan_in))^2) with the activation's gain."""
+def he_normal_(w: torch.Tensor, activation: str | float, scale: float = 1.0) -> None:
+    """N(0, (scale * gain / sqrt(fan_in))^2) with the activation's gain (``activation``: its name, or
+    the gain itself, as ``[init_params.<scheme>] gain`` gives it)."""
     fan_in, _ = nn.init._calculate_fan_in_and_fan_out(w)
-    w.normal_(0.0, scale * activations.get(activation).gain / math.sqrt(fan_in))
+    gain = float(activation) if isinstance(activation, (int, float)) else activations.get(activation).gain
+    w.normal_(0.0, scale * gain / math.sqrt(fan_in))
 
 
 def tied(model: nn.Module, layer: nn.Module) -> bool:
@@ -131,9 +133,10 @@ def _neutral_(model: nn.Module) -> None:
         bias.zero_()
 
 
-def _he_base_(model: nn.Module, activation: str) -> None:
-    """He normal on every Linear/Conv weight but ``head`` (PyTorch's default draw, as torchvision's
-    fc), biases 0, embeddings keep their default N(0, 1), norms and scalars neutral."""
+def _he_base_(model: nn.Module, activation: str | float) -> None:
+    """He normal on every Linear/Conv weight and nn.MultiheadAttention q, k, v projection (packed or
+    apart: fan_in = the embedding width) but ``head`` (PyTorch's default draw, as torchvision's fc),
+    biases 0, embeddings keep their default N(0, 1), norms and scalars neutral."""
     out = getattr(model, "head", None)
     for module in model.modules():
         if isinstance(module, LAYERS):
@@ -144,6 +147,12 @@ def _he_base_(model: nn.Module, activation: str) -> None:
             he_normal_(module.weight, activation)
             if module.bias is not None:
                 module.bias.zero_()
+        elif isinstance(module, nn.MultiheadAttention):
+            for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                if getattr(module, name, None) is not None:
+                    he_normal_(getattr(module, name), activation)
+            if module.in_proj_bias is not None:
+                module.in_proj_bias.zero_()
     _neutral_(model)
 
 
@@ -151,7 +160,7 @@ def _he_base_(model: nn.Module, activation: str) -> None:
 
 
 @torch.no_grad()
-def zero_residual_(model: nn.Module, *, activation: str = "relu") -> None:
+def zero_residual_(model: nn.Module, *, activation: str | float = "relu") -> None:
     """Zero-init of each residual branch's end (Goyal et al. 2017, "Accurate, large minibatch SGD").
 
     torchvision ``models/resnet.py`` (``zero_init_residual=True``): convs
@@ -172,7 +181,7 @@ def zero_residual_(model: nn.Module, *, activation: str = "relu") -> None:
 
 
 @torch.no_grad()
-def fixup_(model: nn.Module, *, activation: str = "relu") -> None:
+def fixup_(model: nn.Module, *, activation: str | float = "relu") -> None:
     """Fixup (Zhang, Dauphin & Ma 2019, "Fixup initialization: residual learning without normalization").
 
     Rule: the classifier (``head``) and the last layer of each branch = 0; the other branch
@@ -210,7 +219,7 @@ def fixup_(model: nn.Module, *, activation: str = "relu") -> None:
 
 
 @torch.no_grad()
-def skipinit_(model: nn.Module, *, activation: str = "relu", alpha: float = 0.0) -> None:
+def skipinit_(model: nn.Module, *, activation: str | float = "relu", alpha: float = 0.0) -> None:
     """SkipInit (De & Smith 2020, "Batch normalization biases residual blocks towards the identity").
 
     x + alpha * f(x) with the scalar alpha = 0 at init (timm ``models/nfnet.py``:
@@ -226,7 +235,7 @@ def skipinit_(model: nn.Module, *, activation: str = "relu", alpha: float = 0.0)
 
 
 @torch.no_grad()
-def rezero_(model: nn.Module, *, activation: str = "relu") -> None:
+def rezero_(model: nn.Module, *, activation: str | float = "relu") -> None:
     """ReZero (Bachlechner et al. 2020; majumderb/rezero): SkipInit's alpha = 0 with no normalization.
 
     Raises where a block holds a norm layer (build with ``norm="none"``; the built-in
