@@ -64,12 +64,14 @@ def keep_freed_memory() -> None:
     mallopt(_M_MMAP_THRESHOLD, 2**28)  # blocks below 256 MiB come from the heap, not fresh mappings
 
 
-def run_bundle(jobs: tuple[Job, ...], cfg: MetricsConfig, device: str, threads: int) -> list[JobResult]:
+def run_bundle(jobs: tuple[Job, ...], cfg: MetricsConfig, device: str, threads: int,
+               note: str = "") -> list[JobResult]:
     """Train one bundle in this process and return its results; never raises for a job's error.
 
     Out of device memory, the bundle is split in halves and each half retried (down to single
     jobs). Any other error retries the jobs one at a time, so one bad job cannot take its
-    bundle-mates down; a job that still raises becomes a ``failed`` row with its error.
+    bundle-mates down; a job that still raises becomes a ``failed`` row with its error. ``note``
+    says why this bundle is a retry; it leads the runs' ``engine_note``.
     """
     keep_freed_memory()
     if threads:
@@ -82,10 +84,16 @@ def run_bundle(jobs: tuple[Job, ...], cfg: MetricsConfig, device: str, threads: 
         if jobs[0].arch == "mlp":
             out = train(list(jobs), divergence_ratio=cfg.divergence_ratio, device=device)
             return record.from_bundle(list(jobs), out, cfg, time.perf_counter() - start,
-                                      {**env, "engine": "stacked"})
+                                      {**env, "engine": "stacked", **({"engine_note": note} if note else {})})
         used: dict[str, str] = {}
+
+        def on_engine(name: str, why: str) -> None:
+            # A retried job is "a bundle of one" because of the retry: say so first.
+            why = "" if note and why == "a bundle of one job" else why
+            used.update(engine=name, engine_note="; ".join(w for w in (note, why) if w))
+
         outs = functional.train(list(jobs), divergence_ratio=cfg.divergence_ratio, device=device,
-                                on_engine=lambda name, why: used.update(engine=name, engine_note=why))
+                                on_engine=on_engine)
         per = [list(jobs)] if len(outs) == 1 else [[j] for j in jobs]
         wall = (time.perf_counter() - start) / len(outs)
         return [r for group, out in zip(per, outs)
@@ -94,14 +102,15 @@ def run_bundle(jobs: tuple[Job, ...], cfg: MetricsConfig, device: str, threads: 
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
         if len(jobs) > 1:
-            half = len(jobs) // 2
-            first = run_bundle(jobs[:half], cfg, device, threads)
-            return first + run_bundle(jobs[half:], cfg, device, threads)
+            half, why = len(jobs) // 2, f"split from a bundle of {len(jobs)} out of memory"
+            first = run_bundle(jobs[:half], cfg, device, threads, why)
+            return first + run_bundle(jobs[half:], cfg, device, threads, why)
         return [record.failed(jobs[0], f"out of memory on {device} even alone: {_first_line(err)}", env,
                               time.perf_counter() - start)]
     except Exception as err:  # noqa: BLE001 - any error in user data or training is the job's result
         if len(jobs) > 1:
-            return [r for job in jobs for r in run_bundle((job,), cfg, device, threads)]
+            why = f"retried alone: its bundle raised {type(err).__name__}: {_first_line(err)[:160]}"
+            return [r for job in jobs for r in run_bundle((job,), cfg, device, threads, why)]
         log.debug("job %s failed:\n%s", jobs[0].job_id, traceback.format_exc())
         return [record.failed(jobs[0], f"{type(err).__name__}: {_first_line(err)}", env,
                               time.perf_counter() - start)]

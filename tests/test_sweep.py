@@ -128,6 +128,9 @@ def test_a_job_that_raises_is_a_failed_row_and_is_retried(tmp_path):
     runs = bench.load(out).runs.set_index("seed")
     assert list(runs.sort_index()["status"]) == ["ok", "failed", "ok"]
     assert "planted failure for seed 1" in runs.loc[1, "error"]
+    # The failing job's bundle-mate was retried alone because its bundle raised: its note says so.
+    assert runs.loc[[0, 2], "engine_note"].str.startswith("retried alone: its bundle raised").any(), \
+        runs["engine_note"].tolist()
     before = stored_rows(out)
     again = run_cli("bench.sweep", str(spec_path), "--out", str(out), "--no-report", env=env)
     assert again.returncode == 1  # retried, failed again
