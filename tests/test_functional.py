@@ -458,7 +458,7 @@ def test_a_rule_or_scheme_a_user_factory_cannot_take_is_exit_2_before_training(t
     rules = USER + '[init_rules.zero_head]\nrules = [{match = "haed.weight", value = 0.0}]\n'
     rules = rules.replace('seed = [0, 1]', 'seed = [0, 1]\nrules = ["zero_head"]')
     noisy = USER.replace('"usernets:build"', '"usernets:noisy"').replace("channels = 4", "").replace(
-        'init = ["default", "orthogonal"]', 'init = ["fixup"]')
+        'init = ["default", "orthogonal"]', 'init = ["fixup"]') + "[init_params.fixup]\ngain = 1.0\n"
     for text, words in ((rules, "[init_rules.zero_head] rule 1"), (noisy, "needs residual blocks")):
         path = tmp_path / "spec.toml"
         path.write_text(textwrap.dedent(text))
