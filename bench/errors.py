@@ -29,3 +29,8 @@ def is_number(value: Any) -> bool:
 
 class UserError(Exception):
     """An error caused by the user's input; its message says how to fix it."""
+
+
+def shown(value: Any) -> str:
+    """A spec value as a message quotes it: TOML's ``true``/``false`` for booleans, else ``repr``."""
+    return str(value).lower() if isinstance(value, bool) else repr(value)

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from bench.errors import UserError
+from bench.errors import UserError, shown
 
 ALPHA = 0.01  # false-discovery level; measured whole-sweep false-alarm rate 1-2% (docs/ci.md)
 
@@ -45,7 +45,7 @@ def parse_tolerance(value: Any, where: str) -> Tolerance:
         number = math.nan
     if isinstance(value, bool) or not isinstance(value, (int, float, str)) or not math.isfinite(number) \
             or number < 0:
-        raise UserError(f"{where} = {value!r}: expected a tolerance >= 0, a percentage like '10%' "
+        raise UserError(f"{where} = {shown(value)}: expected a tolerance >= 0, a percentage like '10%' "
                         "(relative to the baseline) or a number like 0.01 (absolute)")
     return Tolerance(number / 100 if relative else number, relative)
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from bench.errors import UserError, is_number
+from bench.errors import UserError, is_number, shown
 from bench.job import Job, Rule
 from bench.policy import parse_table
 from bench.schema import hashed
@@ -49,9 +49,9 @@ class Setting:
 def _int(minimum: int) -> Callable[[str, Any], int]:
     def check(where: str, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"{where} = {value!r}: expected an integer >= {minimum}")
+            raise UserError(f"{where} = {shown(value)}: expected an integer >= {minimum}")
         if value < minimum:
-            raise UserError(f"{where} = {value!r}: must be >= {minimum}")
+            raise UserError(f"{where} = {shown(value)}: must be >= {minimum}")
         return value
 
     return check
@@ -62,9 +62,9 @@ def _float(minimum: float, *, strict: bool) -> Callable[[str, Any], float]:
 
     def check(where: str, value: Any) -> float:
         if not is_number(value):
-            raise UserError(f"{where} = {value!r}: expected a finite number {bound}")
+            raise UserError(f"{where} = {shown(value)}: expected a finite number {bound}")
         if value < minimum or (strict and value == minimum):
-            raise UserError(f"{where} = {value!r}: must be {bound}")
+            raise UserError(f"{where} = {shown(value)}: must be {bound}")
         return float(value)
 
     return check
@@ -73,28 +73,29 @@ def _float(minimum: float, *, strict: bool) -> Callable[[str, Any], float]:
 def _choice(choices: Callable[[], list[str]], *, allow_factory: bool = False) -> Callable[[str, Any], str]:
     def check(where: str, value: Any) -> str:
         if not isinstance(value, str):
-            raise UserError(f"{where} = {value!r}: expected a string; choose from {choices()}")
+            raise UserError(f"{where} = {shown(value)}: expected a string; choose from {choices()}")
         if value in choices() or (allow_factory and ":" in value):
             return value
         extra = " or 'pkg.module:function'" if allow_factory else ""
-        raise UserError(f"{where} = {value!r}: unknown name; choose from {choices()}{extra}")
+        raise UserError(f"{where} = {shown(value)}: unknown name; choose from {choices()}{extra}")
 
     return check
 
 
 def _betas(where: str, value: Any) -> tuple[float, float]:
     if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise UserError(f"{where} = {value!r}: expected two numbers in [0, 1), e.g. [0.9, 0.999]")
+        raise UserError(f"{where} = {shown(value)}: expected two numbers in [0, 1), e.g. [0.9, 0.999]")
     out = tuple(_float(0.0, strict=False)(where, v) for v in value)
     if any(v >= 1 for v in out):
-        raise UserError(f"{where} = {value!r}: each beta must be in [0, 1)")
+        raise UserError(f"{where} = {shown(value)}: each beta must be in [0, 1)")
     return out  # type: ignore[return-value]
 
 
 def _rules_name(where: str, value: Any) -> str:
     # Which [init_rules.<name>] set exists is known only once the whole spec is read (_parse).
     if not isinstance(value, str) or not value:
-        raise UserError(f"{where} = {value!r}: expected the name of an [init_rules.<name>] set, or 'none'")
+        raise UserError(f"{where} = {shown(value)}: expected the name of an [init_rules.<name>] set, "
+                        "or 'none'")
     return value
 
 
@@ -103,7 +104,7 @@ def _init_bias(where: str, value: Any) -> str | float:
         return value
     if is_number(value):
         return float(value)
-    raise UserError(f"{where} = {value!r}: choose from {list(schemes.BIAS_MODES)} or a number")
+    raise UserError(f"{where} = {shown(value)}: choose from {list(schemes.BIAS_MODES)} or a number")
 
 
 SETTINGS: dict[str, Setting] = {
@@ -283,7 +284,7 @@ def _parse(raw: dict[str, Any], where: str, text: str) -> Spec:
     for key, value in used:
         if value != "none" and value not in rule_sets:
             choices = ["none", *sorted(rule_sets)]
-            raise UserError(f"{key} = {value!r}: unknown rule set; choose from {choices} "
+            raise UserError(f"{key} = {shown(value)}: unknown rule set; choose from {choices} "
                             "(define one as [[init_rules.<name>]] tables)")
 
     spec = Spec(
@@ -430,7 +431,7 @@ def _dataclass_table(cls: type, table: dict[str, Any], name: str) -> Any:
         where = f"[{name}] {key}"
         if isinstance(default, str):
             if not isinstance(value, str):
-                raise UserError(f"{where} = {value!r}: expected a string")
+                raise UserError(f"{where} = {shown(value)}: expected a string")
         elif isinstance(default, int) and not isinstance(default, bool):
             # max_bundle = 0 would divide by zero when planning bundles; jobs = 0 means "choose"
             value = _int(1 if key == "max_bundle" else 0)(where, value)

@@ -119,6 +119,7 @@ CASES = [
     Case("jobs-zero", sub=True, args=("--jobs", "0"), needles=("--jobs", "'0'", ">= 1")),
     Case("devices-cuda-7", sub=True, args=("--devices", "cuda:7"), needles=("--devices", "cuda:7")),
     Case("devices-tpu", args=("--devices", "tpu"), needles=("--devices", "'tpu'", "'cpu'", "'cuda'")),
+    Case("bool-lr", edit=("lr = 0.1", "lr = true"), needles=(FILE, "[train] lr = true", "number")),
     # A scheme that needs a structure the model lacks: the mlp (known without torch), and a built-in
     # built on the meta device (the cnn has no residual blocks; resmlp's blocks have no gates).
     Case("fixup-on-mlp", edit=('init = ["kaiming_normal", "xavier_uniform"]', 'init = ["fixup"]'),

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench import factories
-from bench.errors import UserError, is_number
+from bench.errors import UserError, is_number, shown
 
 # --- activations ---------------------------------------------------------------------------------
 ACTIVATIONS = ("relu", "tanh", "gelu", "leaky_relu", "selu", "sigmoid", "linear")
@@ -162,13 +162,13 @@ def resolve_task_params(name: str, given: dict[str, Any]) -> dict[str, Any]:
         want = type(defaults[key])
         if want is bool:
             if not isinstance(value, bool):
-                raise UserError(f"[task] {key} = {value!r}: expected true or false")
+                raise UserError(f"[task] {key} = {shown(value)}: expected true or false")
             continue
         ok = is_number(value) if want is float else isinstance(value, want) and not isinstance(value, bool)
         minimum = 1 if want is int and not key.endswith("seed") else 0
         if not ok or value < minimum:
             kind = "an integer" if want is int else "a finite number"
-            raise UserError(f"[task] {key} = {value!r}: expected {kind} >= {minimum}")
+            raise UserError(f"[task] {key} = {shown(value)}: expected {kind} >= {minimum}")
     given = {k: v for k, v in given.items() if not (k in task.added and v == task.added[k])}
     resolved = {**task.params, **{k: float(v) if type(defaults[k]) is float else v for k, v in given.items()}}
     if task.check is not None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bench.errors import UserError, is_number
+from bench.errors import UserError, is_number, shown
 from bench.job import Rule
 
 BIAS_MODES = ("auto", "zeros", "default")
@@ -97,28 +97,28 @@ def check_param(name: str, key: str, value: Any, where: str) -> Any:
         return value
     if isinstance(defaults[key], bool):  # a switch (muP's readout_zero_init): a number would be a typo
         if not isinstance(value, bool):
-            raise UserError(f"{where} = {value!r}: expected true or false")
+            raise UserError(f"{where} = {shown(value)}: expected true or false")
         return value
     if (name, key) == ("small_init", "d"):  # the model width: "width" (the job's) or a positive integer
         if value == "width":
             return value
         if not is_number(value) or value != int(value) or value < 1:
-            raise UserError(f"{where} = {value!r}: expected an integer >= 1 or 'width' (the model's)")
+            raise UserError(f"{where} = {shown(value)}: expected an integer >= 1 or 'width' (the model's)")
         return int(value)
     if key == "mode":
         if value not in ("fan_in", "fan_out"):
-            raise UserError(f"{where} = {value!r}: choose from ['fan_in', 'fan_out']")
+            raise UserError(f"{where} = {shown(value)}: choose from ['fan_in', 'fan_out']")
         return value
     if not is_number(value):
         extra = " or 'activation'" if key == "gain" else ""
-        raise UserError(f"{where} = {value!r}: expected a number{extra}")
+        raise UserError(f"{where} = {shown(value)}: expected a number{extra}")
     if key in ("a", "b"):  # truncation bounds, in units of std: any sign
         return float(value)
     if key == "max_iter" and value != int(value):  # int() would silently truncate 2.5 to 2
-        raise UserError(f"{where} = {value!r}: expected an integer >= 1")
+        raise UserError(f"{where} = {shown(value)}: expected an integer >= 1")
     positive = key in ("std", "tol", "max_iter")
     if value < 0 or (value == 0 and positive):
-        raise UserError(f"{where} = {value!r}: must be {'>' if positive else '>='} 0")
+        raise UserError(f"{where} = {shown(value)}: must be {'>' if positive else '>='} 0")
     return int(value) if key == "max_iter" else float(value)
 
 
