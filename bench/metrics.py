@@ -18,7 +18,10 @@ Every metric is defined here once (and in the README's "Metrics" table):
   lowest value so far (rising edges).
 - ``grad_ratio_init``: first-layer over last-layer weight-gradient norm at step 0.
 - ``act_ratio_init``: variance of the last hidden layer's activations over the
-  first hidden layer's at step 0 (1 with one hidden layer, NaN with none).
+  first hidden layer's at step 0 (1 with one hidden layer, NaN with none). A model with no
+  activation modules (its nonlinearity a function call, ``F.relu``) has it over the outputs of
+  its probed modules but the last (the head): the same growth or decay, measured before the
+  nonlinearity.
 - ``dead_frac_init`` / ``dead_frac_final``: fraction of hidden units whose output
   is zero for every sample of the probe batch, at step 0 / the last logged step.
 - ``symmetric_frac_init`` / ``symmetric_frac_final``: fraction of hidden units that are
@@ -128,6 +131,9 @@ def job_metrics(log_steps: np.ndarray, train_loss: np.ndarray, val_loss: np.ndar
     """
     params = np.asarray(params)
     w, a = np.flatnonzero(params == "weight"), np.flatnonzero(params == "act")
+    dead_rows = a
+    if not len(a):  # no activation module (F.relu in a forward): the hidden modules' outputs, not the head's
+        a = np.flatnonzero(params == "output")[:-1]
     std, norm, grad = STATS.index("std"), STATS.index("norm"), STATS.index("grad_norm")
     dead, distinct = STATS.index("dead_frac"), STATS.index("distinct_frac")
     diverged = diverged_at >= 0
@@ -148,8 +154,8 @@ def job_metrics(log_steps: np.ndarray, train_loss: np.ndarray, val_loss: np.ndar
     nan = float("nan")
     m["grad_ratio_init"] = _ratio(s0[w[0], grad], s0[w[-1], grad]) if len(w) else nan
     m["act_ratio_init"] = _ratio(float(s0[a[-1], std]) ** 2, float(s0[a[0], std]) ** 2) if len(a) else nan
-    m["dead_frac_init"] = float(np.mean(s0[a, dead])) if len(a) else nan
-    m["dead_frac_final"] = float(np.mean(s1[a, dead])) if len(a) else nan
+    m["dead_frac_init"] = float(np.mean(s0[dead_rows, dead])) if len(dead_rows) else nan
+    m["dead_frac_final"] = float(np.mean(s1[dead_rows, dead])) if len(dead_rows) else nan
     m["symmetric_frac_init"] = 1 - _mean_measured(s0[w, distinct])
     m["symmetric_frac_final"] = 1 - _mean_measured(s1[w, distinct])
     # A post-activation that is no longer a finite number at step 0 has exploded past float32.

@@ -479,3 +479,18 @@ def test_he_drawing_residual_schemes_ask_for_a_gain_on_a_factory_without_activat
     w = model.blocks[0].conv1.weight  # a branch's first layer: He with gain 1, fan_in = 4 x 3 x 3
     assert abs(float(w.std()) - 1.0 / 6.0) < 0.05
     assert float(model.blocks[0].conv2.weight.abs().max()) == 0.0  # the branch's end starts at zero
+
+
+def test_a_model_with_functional_activations_still_gets_an_activation_ratio():
+    """The user net applies torch.relu in its forward (no activation module): the ratio is taken
+    over its hidden modules' outputs, and an init that blows the signal up shows it."""
+    from bench import dispatch
+    from bench.settings import MetricsConfig
+
+    text = USER.replace('init = ["default", "orthogonal"]', 'init = ["default", "scaled_normal"]') + \
+        "[init_params.scaled_normal]\nstd = 1.0\n"
+    jobs = {j.init: j for j in jobs_of(text) if j.seed == 0}
+    ratio = {name: dispatch.run_bundle((job,), MetricsConfig(), "cpu", 0)[0].metrics["act_ratio_init"]
+             for name, job in jobs.items()}
+    assert all(np.isfinite(r) for r in ratio.values()), ratio
+    assert ratio["scaled_normal"] > 3 * ratio["default"], ratio  # BatchNorm in the blocks tames it
