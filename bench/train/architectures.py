@@ -103,6 +103,17 @@ def _scalar(value: float) -> nn.Parameter:
     return nn.Parameter(torch.full((1,), float(value)))
 
 
+def _add_scalars(block: nn.Module, gates: bool, scalar_biases: bool) -> None:
+    """A block's optional scalar gate (``gate``, 1) and Fixup's four scalar biases (0), declared
+    through the residual convention's ``branch_gates`` and ``scalar_biases``; None when absent."""
+    block.gate = _scalar(1.0) if gates else None
+    block.branch_gates = ("gate",) if gates else ()
+    names = ("bias1a", "bias1b", "bias2a", "bias2b")
+    for name in names:
+        setattr(block, name, _scalar(0.0) if scalar_biases else None)
+    block.scalar_biases = names if scalar_biases else ()
+
+
 def _plus(h: torch.Tensor, bias: nn.Parameter | None) -> torch.Tensor:
     return h if bias is None else h + bias
 
@@ -172,12 +183,7 @@ class ResMLPBlock(nn.Module):
         self.fc1 = nn.Linear(width, width)
         self.act = activations.get(activation).module()
         self.fc2 = nn.Linear(width, width)
-        self.gate = _scalar(1.0) if gates else None
-        self.branch_gates = ("gate",) if gates else ()
-        names = ("bias1a", "bias1b", "bias2a", "bias2b")
-        for name in names:
-            setattr(self, name, _scalar(0.0) if scalar_biases else None)
-        self.scalar_biases = names if scalar_biases else ()
+        _add_scalars(self, gates, scalar_biases)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(_plus(self.norm(x), self.bias1a))
@@ -283,12 +289,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(width) if batch else nn.Identity()
         self.act = activations.get(activation).module()
         self.branch_norms = ("bn2.weight",) if batch else (None,)
-        self.gate = _scalar(1.0) if gates else None
-        self.branch_gates = ("gate",) if gates else ()
-        names = ("bias1a", "bias1b", "bias2a", "bias2b")
-        for name in names:
-            setattr(self, name, _scalar(0.0) if scalar_biases else None)
-        self.scalar_biases = names if scalar_biases else ()
+        _add_scalars(self, gates, scalar_biases)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.bn1(self.conv1(_plus(x, self.bias1a)))
