@@ -43,7 +43,7 @@ def positive_float(text: str) -> float:
 
 
 def parser() -> cli.Parser:
-    p = cli.Parser(prog="python -m bench.advise", description=__doc__.splitlines()[0])
+    p = cli.Parser(prog=cli.prog("python -m bench.advise"), description=__doc__.splitlines()[0])
     p.add_argument(
         "model", help="a built-in architecture (mlp, cnn, resmlp, resnet, transformer) or pkg.module:fn"
     )

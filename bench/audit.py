@@ -402,7 +402,7 @@ def table(fps: Sequence[Fingerprint]) -> str:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    parser = cli.Parser(prog="python -m bench.audit", description=__doc__.splitlines()[0])
+    parser = cli.Parser(prog=cli.prog("python -m bench.audit"), description=__doc__.splitlines()[0])
     parser.add_argument("--modules", help=f"comma-separated subset of: {', '.join(MODULES)} (default: all)")
     parser.add_argument("--factory", help="pkg.module:fn returning an nn.Module; audits its parameters")
     parser.add_argument("--draws", type=int, help="constructions per entry (default: ~20k values/parameter)")

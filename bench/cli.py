@@ -35,6 +35,26 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
 
+# The name a command's messages give: its ``python -m`` form, or ``initbench <command>`` while the
+# initbench dispatcher runs it (bench.__main__), so an error names what the user typed.
+_invoked_as: list[str] = []
+
+
+def prog(module_prog: str) -> str:
+    """The program name for a command's parser: ``initbench <command>`` when run through the
+    ``initbench`` command, else ``module_prog`` (``python -m bench.<command>``)."""
+    return _invoked_as[-1] if _invoked_as else module_prog
+
+
+def run_as(name: str, body: Callable[[], int]) -> int:
+    """Run ``body`` with its messages naming the program ``name`` (``initbench sweep``)."""
+    _invoked_as.append(name)
+    try:
+        return body()
+    finally:
+        _invoked_as.pop()
+
+
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line and exit code 2.
 

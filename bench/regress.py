@@ -319,7 +319,7 @@ def _sweep_flags(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> cli.Parser:
-    p = cli.Parser(prog="python -m bench.regress", description=__doc__.splitlines()[0])
+    p = cli.Parser(prog=cli.prog("python -m bench.regress"), description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=cli.Parser)
     r = sub.add_parser("run", help="run a sweep, then compare it with a baseline (for CI)")
     _sweep_flags(r)

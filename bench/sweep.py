@@ -16,7 +16,7 @@ from bench.runner import RunOptions, run
 
 
 def parser() -> cli.Parser:
-    p = cli.Parser(prog="python -m bench.sweep", description=__doc__.splitlines()[0])
+    p = cli.Parser(prog=cli.prog("python -m bench.sweep"), description=__doc__.splitlines()[0])
     p.add_argument("spec", help="the sweep spec (TOML)")
     p.add_argument("--out", help="output directory (default: reports/<spec name>/)")
     cli.add_run_flags(p)

@@ -225,3 +225,16 @@ def test_quick_dry_run_counts_jobs_and_bundles(processes):
     assert code == 0, stderr
     # 4 inits x 2 depths x 2 lrs x 2 seeds; the two depths are two shapes
     assert re.search(r"\b32 jobs in 2 bundles\b", stdout), stdout
+
+
+def test_a_flag_error_names_the_program_the_user_typed(capsys):
+    """``initbench sweep --jobs 0`` says ``initbench sweep: error``; ``python -m bench.sweep``, its name."""
+    from bench.__main__ import main as initbench
+
+    for run, name in ((lambda: initbench(["sweep", "x.toml", "--jobs", "0"]), "initbench sweep"),
+                      (lambda: sweep.main(["x.toml", "--jobs", "0"]), "python -m bench.sweep"),
+                      (lambda: initbench(["regress", "check"]), "initbench regress check")):
+        with pytest.raises(SystemExit) as stop:
+            run()
+        assert stop.value.code == 2
+        assert capsys.readouterr().err.startswith(f"{name}: error: "), name

@@ -18,7 +18,8 @@ from bench.export import TARGETS
 
 def parser() -> cli.Parser:
     """The export command's flags."""
-    p = cli.Parser(prog="initbench export", description=__doc__.splitlines()[0].split(": ", 1)[1],
+    p = cli.Parser(prog=cli.prog("python -m bench.export"),
+                   description=__doc__.splitlines()[0].split(": ", 1)[1],
                    epilog="Install a target's package with pip install 'initbench[tensorboard]' "
                           "or 'initbench[mlflow]'.")
     p.add_argument("directory", metavar="DIR", help="a sweep's output directory (the --out of the sweep)")

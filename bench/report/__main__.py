@@ -14,7 +14,7 @@ from bench.errors import EXIT_OK
 
 
 def parser() -> cli.Parser:
-    p = cli.Parser(prog="python -m bench.report", description=__doc__.splitlines()[0])
+    p = cli.Parser(prog=cli.prog("python -m bench.report"), description=__doc__.splitlines()[0])
     p.add_argument("directory", help="a sweep's output directory (the --out of bench.sweep)")
     p.add_argument("--verbose", action="store_true", help="log how long each part of the report took")
     return p
