@@ -36,12 +36,25 @@ def axis_column(axis: str) -> str:
 # ids and baseline cell keys (bench.spec.Job.job_id, bench.baseline.cell_key), so every id and
 # baseline made before them stays valid.
 UNHASHED_DEFAULTS = {"rules": "none"}
+# The same for a scheme's parameter added after that scheme's sweeps were stored, keyed by (scheme,
+# setting): the He-drawing residual schemes' gain ("activation": the model's) came after them.
+UNHASHED_SCHEME_DEFAULTS = {(scheme, "init.gain"): "activation"
+                            for scheme in ("zero_residual", "fixup", "skipinit", "rezero")}
 
 
 def hashed(settings: dict) -> dict:
-    """``settings`` without the ones at an :data:`UNHASHED_DEFAULTS` value: what ids are made of."""
-    return {k: v for k, v in settings.items()
-            if not (k in UNHASHED_DEFAULTS and v == UNHASHED_DEFAULTS[k])}
+    """``settings`` without the ones at an :data:`UNHASHED_DEFAULTS` (or, for its scheme,
+    :data:`UNHASHED_SCHEME_DEFAULTS`) value: what ids are made of."""
+    scheme = settings.get("init")
+
+    def kept(key: str, value) -> bool:
+        default = UNHASHED_SCHEME_DEFAULTS.get((scheme, key), UNHASHED_DEFAULTS.get(key, _NONE))
+        return default is _NONE or value != default
+
+    return {k: v for k, v in settings.items() if kept(k, v)}
+
+
+_NONE = object()  # no unhashed default for a setting
 
 
 # The residual convention (bench.train.architectures): a residual block is a module named

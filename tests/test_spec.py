@@ -401,3 +401,18 @@ def test_job_fields_are_the_spec_settings():
     from bench.job import SETTING_NAMES
 
     assert set(SETTING_NAMES) == set(spec.SETTINGS)
+
+
+def test_the_residual_schemes_gain_default_leaves_their_job_ids_as_they_were():
+    """The He-drawing residual schemes got a gain parameter after their sweeps shipped: at its default
+    it is not hashed (ids and baseline cells stay valid); Kaiming's gain, as old as its ids, is."""
+    from bench.schema import hashed
+
+    text = ('[grid]\ninit = ["{}"]\n[model]\narch = "resmlp"\ndepth = 2\nwidth = 8\ngates = true\n'
+            'scalar_biases = true\n')
+    fixup = spec.parse(text.format("fixup")).jobs()[0]
+    assert fixup.settings()["init.gain"] == "activation" and "init.gain" not in hashed(fixup.settings())
+    kaiming = spec.parse(text.format("kaiming_normal")).jobs()[0]
+    assert hashed(kaiming.settings())["init.gain"] == "activation"
+    given = spec.parse(text.format("fixup") + "[init_params.fixup]\ngain = 1.0\n").jobs()[0]
+    assert given.job_id != fixup.job_id
