@@ -494,3 +494,14 @@ def test_a_model_with_functional_activations_still_gets_an_activation_ratio():
              for name, job in jobs.items()}
     assert all(np.isfinite(r) for r in ratio.values()), ratio
     assert ratio["scaled_normal"] > 3 * ratio["default"], ratio  # BatchNorm in the blocks tames it
+
+
+def test_a_bundle_on_another_device_leaves_the_built_models_where_they_were():
+    """Module.to moves in place: a bundle for another device (meta here, CUDA in use) works on a copy,
+    since the preflight's fits and then training read the built models again."""
+    jobs = jobs_of(CNN)[:2]
+    built = [build_model(j, tasks.load(j.task, j.task_params, j.seed)) for j in jobs]
+    bundle = functional._Bundle(built, torch.device("meta"))
+    assert bundle.base is not built[0] and next(bundle.base.parameters()).is_meta
+    assert all(p.device.type == "cpu" for m in built for p in m.parameters())
+    assert functional._Bundle(built, torch.device("cpu")).base is built[0]  # the CPU: no copy

@@ -22,6 +22,7 @@ forward hooks that return them out of the vmapped function.
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 import time
 import warnings
@@ -106,10 +107,12 @@ class _Bundle:
     """K built models as one flat buffer, stacked buffers and a base module to call functionally."""
 
     def __init__(self, models: list[nn.Module], device: torch.device):
-        # The first job's own module, not a copy (deepcopy was 8 % of a small job's time in the
-        # loop): functional_call restores what it swaps in, :meth:`unbind` what the loop binds.
-        # Real tensors, not the meta device's: tied weights stay tied.
-        self.base = models[0].to(device)
+        # On the CPU, the first job's own module, not a copy (deepcopy was 8 % of a small job's time
+        # in the loop): functional_call restores what it swaps in, :meth:`unbind` what the loop
+        # binds. Elsewhere a copy: Module.to moves in place, and the built models (on the CPU) are
+        # read again (the preflight's fits, then training). Real tensors, not the meta device's:
+        # tied weights stay tied.
+        self.base = models[0] if device.type == "cpu" else copy.deepcopy(models[0]).to(device)
         self.names = [n for n, _ in self.base.named_parameters()]  # a shared parameter appears once
         self.shapes = [p.shape for _, p in self.base.named_parameters()]
         rows = []
