@@ -20,8 +20,8 @@ Every metric is defined here once (and in the README's "Metrics" table):
 - ``act_ratio_init``: variance of the last hidden layer's activations over the
   first hidden layer's at step 0 (1 with one hidden layer, NaN with none). A model with no
   activation modules (its nonlinearity a function call, ``F.relu``) has it over the outputs of
-  its probed modules but the last (the head): the same growth or decay, measured before the
-  nonlinearity.
+  its weight-holding modules but the last (the head): the same growth or decay, measured before
+  the nonlinearity.
 - ``dead_frac_init`` / ``dead_frac_final``: fraction of hidden units whose output
   is zero for every sample of the probe batch, at step 0 / the last logged step.
 - ``symmetric_frac_init`` / ``symmetric_frac_final``: fraction of hidden units that are
@@ -37,6 +37,8 @@ Every metric is defined here once (and in the README's "Metrics" table):
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -116,7 +118,8 @@ def _ratio(num: float, den: float) -> float:
 
 def job_metrics(log_steps: np.ndarray, train_loss: np.ndarray, val_loss: np.ndarray, val_acc: np.ndarray,
                 params: list[str], stats: np.ndarray, diverged_at: int, total_steps: int,
-                cfg: MetricsConfig, null_loss: float = float("nan")) -> dict[str, float]:
+                cfg: MetricsConfig, null_loss: float = float("nan"),
+                hidden_outputs: Sequence[int] = ()) -> dict[str, float]:
     """All metrics of one job from its logged curves and its layer trace.
 
     Args:
@@ -124,6 +127,8 @@ def job_metrics(log_steps: np.ndarray, train_loss: np.ndarray, val_loss: np.ndar
             forward order of their modules (``bench.train.bundle.TraceRow.param``).
         stats: (n_log, rows, len(STATS)): the rows' statistics at each logged step.
         null_loss: the null model's training loss (``TaskData.null_loss``).
+        hidden_outputs: the rows of the outputs of the parameter-holding modules but the head, in
+            forward order: the activation ratio's rows when the model has no ``act`` rows.
 
     Curves passed here end at the step the job diverged at (kept when logged: the state it
     diverged from). Gradient ratios read the ``weight`` rows (first over last parameter-holding
@@ -133,7 +138,7 @@ def job_metrics(log_steps: np.ndarray, train_loss: np.ndarray, val_loss: np.ndar
     w, a = np.flatnonzero(params == "weight"), np.flatnonzero(params == "act")
     dead_rows = a
     if not len(a):  # no activation module (F.relu in a forward): the hidden modules' outputs, not the head's
-        a = np.flatnonzero(params == "output")[:-1]
+        a = np.asarray(hidden_outputs, dtype=int)
     std, norm, grad = STATS.index("std"), STATS.index("norm"), STATS.index("grad_norm")
     dead, distinct = STATS.index("dead_frac"), STATS.index("distinct_frac")
     diverged = diverged_at >= 0

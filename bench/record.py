@@ -149,6 +149,10 @@ def from_bundle(jobs: list[Job], out: BundleOutput, cfg: MetricsConfig, wall_s: 
     modules = pd.DataFrame(out.modules, columns=list(MODULE_COLUMNS))
     at0 = out.log_steps == 0
     params = [r.param for r in out.rows]
+    # The outputs of the modules that hold weights, the head's (the last) excepted: the activation
+    # ratio's rows for a model without activation modules (no pooling, dropout or stream rows).
+    holders = {r.module for r in out.rows if r.param == "weight"}
+    hidden_outputs = [i for i, r in enumerate(out.rows) if r.param == "output" and r.module in holders][:-1]
     results = []
     for k, job in enumerate(jobs):
         div = int(out.diverged_at[k])
@@ -158,7 +162,7 @@ def from_bundle(jobs: list[Job], out: BundleOutput, cfg: MetricsConfig, wall_s: 
         n = int(np.searchsorted(out.log_steps, div, side="right")) if div >= 0 else n_log
         m = metrics.job_metrics(out.log_steps[:n], train[k, :n], out.val_loss[:n, k], out.val_acc[:n, k],
                                 params, out.row_stats[:n, k], div, job.steps, cfg,
-                                null_loss=float(out.null_loss[k]))
+                                null_loss=float(out.null_loss[k]), hidden_outputs=hidden_outputs)
         m["signal_error"] = metrics.signal_error(block[k, at0][:, targets, _Q].ravel(), predicted[k])
         flags = metrics.pathologies(m, cfg)
         results.append(JobResult(job.job_id, job.settings(), "diverged" if div >= 0 else "ok",

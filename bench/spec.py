@@ -361,13 +361,13 @@ def check_models(jobs: list[Job], where: str) -> None:
     from bench.train.bundle import build_model
 
     for job in todo.values():
-        data = tasks.load(job.task, job.task_params, job.seed)
         try:
+            data = tasks.load(job.task, job.task_params, job.seed)  # a user task's error: its jobs' rows
             with torch.device("meta"):
                 build_model(job, data)
         except UserError as err:
             raise UserError(f"{where}: arch {job.arch!r} with init {job.init!r}: {err}") from None
-        except Exception:  # noqa: BLE001, S112 - an op the meta device lacks: the real build will tell
+        except Exception:  # noqa: BLE001, S112 - a task that raises, an op the meta device lacks: the jobs tell
             continue
 
 
