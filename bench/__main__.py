@@ -52,13 +52,14 @@ def parser() -> cli.Parser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point ``initbench``: dispatch to a subcommand's ``main(argv)``."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    top = "python -m bench" if sys.argv and sys.argv[0].endswith("__main__.py") else "initbench"
     if argv and argv[0] in COMMANDS:  # the common case: no top-level parse, the command sees all its flags
-        return cli.run_as(f"initbench {argv[0]}", lambda: command(argv[0])(argv[1:]))
+        return cli.run_as(f"{top} {argv[0]}", lambda: command(argv[0])(argv[1:]))
     p = parser()
     if not argv:
         p.error(f"missing COMMAND; choose from {', '.join(COMMANDS)} (or --help)")
     args = p.parse_args(argv)  # --help, --version, or a one-line error (exit 2)
-    return cli.run_as(f"initbench {args.command}", lambda: command(args.command)(args.args))
+    return cli.run_as(f"{top} {args.command}", lambda: command(args.command)(args.args))
 
 
 if __name__ == "__main__":

@@ -112,8 +112,8 @@ def run_bundle(jobs: tuple[Job, ...], cfg: MetricsConfig, device: str, threads: 
             why = f"retried alone: its bundle raised {type(err).__name__}: {_first_line(err)[:160]}"
             return [r for job in jobs for r in run_bundle((job,), cfg, device, threads, why)]
         log.debug("job %s failed:\n%s", jobs[0].job_id, traceback.format_exc())
-        return [record.failed(jobs[0], f"{type(err).__name__}: {_first_line(err)}", env,
-                              time.perf_counter() - start)]
+        return [record.failed(jobs[0], f"{type(err).__name__}: {_first_line(err)}",
+                              {**env, "engine_note": note} if note else env, time.perf_counter() - start)]
 
 
 def _first_line(err: BaseException) -> str:

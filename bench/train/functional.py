@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import re
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -162,17 +164,27 @@ class _Bundle:
                            else torch.zeros_like(self.views[n])).flatten(1) for n in self.names], dim=1)
 
 
+_FASTPATH = threading.Lock()
+_fastpath_users: list[bool] = []  # one entry per vmapped call in flight; the first holds the saved flag
+
+
 @contextlib.contextmanager
 def _mha_fastpath_off() -> Iterator[None]:
     """nn.MultiheadAttention without its fused inference path (``_native_multi_head_attention``,
     taken in eval mode, e.g. the validation pass): vmap has no batching rule for it, so a
-    transformer with a boolean mask fell back to the loop. The unfused path computes the same."""
-    was = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
+    transformer with a boolean mask fell back to the loop. The unfused path computes the same.
+    The flag is process-wide: bundles trained by concurrent threads share it, so the last one out
+    restores it."""
+    with _FASTPATH:
+        _fastpath_users.append(torch.backends.mha.get_fastpath_enabled())
+        torch.backends.mha.set_fastpath_enabled(False)
     try:
         yield
     finally:
-        torch.backends.mha.set_fastpath_enabled(was)
+        with _FASTPATH:
+            saved = _fastpath_users.pop()
+            if not _fastpath_users:
+                torch.backends.mha.set_fastpath_enabled(saved)
 
 
 def _call(bundle: _Bundle, x: torch.Tensor, probe: list[str] | None, acts: set[str], vectorize: bool,
@@ -435,6 +447,8 @@ def preflight(jobs: list[Job], data: list[tasks.TaskData], built: list[nn.Module
     """
     bundle_clock: list[float] = []
     pair = min(2, len(jobs))
+    # Logged steps 0 and 2 whatever the jobs' log_every: step 1, the one timed, has no validation pass.
+    jobs = [dataclasses.replace(j, log_every=2) for j in jobs]
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

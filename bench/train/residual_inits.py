@@ -134,9 +134,10 @@ def _neutral_(model: nn.Module) -> None:
 
 
 def _he_base_(model: nn.Module, activation: str | float) -> None:
-    """He normal on every Linear/Conv weight and nn.MultiheadAttention q, k, v projection (packed or
-    apart: fan_in = the embedding width) but ``head`` (PyTorch's default draw, as torchvision's fc),
-    biases 0, embeddings keep their default N(0, 1), norms and scalars neutral."""
+    """He normal on every Linear/Conv weight and nn.MultiheadAttention q, k, v projection (packed:
+    fan_in = the embedding width; apart: each its own input width, ``kdim``, ``vdim``) but
+    ``head`` (PyTorch's default draw, as torchvision's fc), biases 0, embeddings keep their
+    default N(0, 1), norms and scalars neutral."""
     out = getattr(model, "head", None)
     for module in model.modules():
         if isinstance(module, LAYERS):
